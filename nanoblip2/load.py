@@ -1,0 +1,123 @@
+"""
+The one strict loader: HF-format safetensors (single file or sharded) -> our modules.
+
+Notable details
+- Each model file owns an explicit table {our key template: HF key template}, with `{i}` standing for a layer
+  index (litgpt style). A value may also be `(fn, [HF templates])`: the tensors are read and combined by `fn`
+  (fuse q/k/v, fold BERT's token-type row into the positions, grow the vocabulary by [DEC], interpolate the
+  position embedding to a new image size).
+- Strict: every tensor of the module must come from the file, every tensor in the file must be used or match
+  the ignore list (fnmatch patterns), and every shape must agree. Otherwise one error lists all the offenders.
+  Keys that may keep their fresh initialisation when the file lacks them (BERT has no cross-attention, a plain
+  BertModel no MLM head) are named in `fresh`.
+- Lazy: files are opened with `safe_open` and tensors are read one at a time and copied straight into the
+  parameters, which casts them to the parameters' dtype. Build the module on the meta device and `to_empty` it
+  first and peak memory stays at one model plus one tensor.
+- Old BERT checkpoints name LayerNorm parameters gamma/beta and prefix keys with `bert.`; `canon` rewrites
+  file keys before matching.
+"""
+import fnmatch
+import json
+import os
+import re
+import time
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_config(folder):
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: no config.json, is this a Hugging Face model folder?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def safetensors_files(folder):
+    """The weight files of an HF folder: model.safetensors, or the shards named by its index."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        names = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    files = [os.path.join(folder, n) for n in names]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise CheckpointError(f"{folder}: index names missing shard(s) {', '.join(map(os.path.basename, missing))}")
+    return files
+
+
+def _template_regex(template):
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+def _resolve(table, key):
+    """Our key -> (fn or None, [HF keys]) using the first matching template, or None if no template matches."""
+    for ours, src in table.items():
+        m = _template_regex(ours).match(key)
+        if m:
+            fn, srcs = (None, [src]) if isinstance(src, str) else src
+            return fn, [s.format(i=m.group("i")) if "{i}" in s else s for s in srcs]
+    return None
+
+
+def load_weights(module, folder_or_files, table, ignore=(), fresh=(), canon=None, verbose=True):
+    """Copy the tensors of an HF checkpoint into `module`, strictly. Returns the number of tensors copied."""
+    t0 = time.time()
+    files = safetensors_files(folder_or_files) if isinstance(folder_or_files, str) else list(folder_or_files)
+    handles = [safe_open(f, framework="pt") for f in files]
+    where = {}  # canonical file key -> (handle, original key)
+    for h in handles:
+        for k in h.keys():
+            where[canon(k) if canon else k] = (h, k)
+
+    ours = dict(module.state_dict(keep_vars=True))
+    plan, missing, used = {}, [], set()
+    for key in ours:
+        hit = _resolve(table, key)
+        if hit is None or any(s not in where for s in hit[1]):
+            if any(fnmatch.fnmatchcase(key, p) for p in fresh):
+                continue  # deliberately left at its initialisation
+            missing.append(key if hit is None else f"{key} (from {', '.join(s for s in hit[1] if s not in where)})")
+            continue
+        plan[key] = hit
+        used.update(hit[1])
+    unexpected = [k for k in where if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in ignore)]
+
+    mismatched, n_params = [], 0
+    if not missing and not unexpected:
+        with torch.no_grad():
+            for key, (fn, srcs) in plan.items():
+                tensors = [where[s][0].get_tensor(where[s][1]) for s in srcs]
+                t = fn(*tensors) if fn else tensors[0]
+                dst = ours[key]
+                if t.shape != dst.shape:
+                    mismatched.append(f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(dst.shape)}")
+                    continue
+                dst.copy_(t)
+                n_params += t.numel()
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {folder_or_files} does not fit {type(module).__name__}:"]
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+            if keys:
+                lines.append(f"  {len(keys)} {name}: " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+    if verbose:
+        print(f"loaded {type(module).__name__}: {len(plan)} tensors, {n_params / 1e6:.2f}M params "
+              f"from {len(files)} file(s) in {time.time() - t0:.1f}s")
+    return len(plan)
+
+
+def build_empty(cls, cfg, device="cpu", dtype=None):
+    """Instantiate without running any initialisation (meta device), then allocate on `device`."""
+    with torch.device("meta"):
+        m = cls(cfg) if dtype is None else cls(cfg).to(dtype)
+    return m.to_empty(device=device)
