@@ -1,5 +1,5 @@
 """nanoblip2: a minimal, readable BLIP-2 in PyTorch."""
-from .blip2 import Blip2Stage1
+from .blip2 import Blip2, Blip2Stage1
 from .data import ImageError, load_image
 from .load import CheckpointError
 from .tokenizer import load_bert_tokenizer

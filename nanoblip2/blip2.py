@@ -17,9 +17,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import warnings
+
+from safetensors import safe_open
+
+from . import opt as op
 from . import qformer as qf
+from . import t5 as t5m
 from . import vit as vt
-from .load import CheckpointError, build_empty, load_weights, read_config
+from .data import load_image
+from .generate import generate
+from .load import CheckpointError, build_empty, load_weights, read_config, resolve, safetensors_files
+from .tokenizer import load_opt_tokenizer, load_t5_tokenizer
 
 
 @dataclass
@@ -124,3 +133,183 @@ class Blip2Stage1(nn.Module):
 
 def num_params(module):
     return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 2 (paper §3.3, Figure 3): the 32 query outputs, projected, are a soft visual prompt for a frozen LLM.
+
+
+@dataclass
+class Blip2Config:
+    vit: vt.ViTConfig
+    qformer: qf.QFormerConfig     # the stage-2 form: no text branch
+    lm: object                    # OPTConfig or T5Config
+    ln_vision_eps: float = 1e-5
+    image_token_index: int | None = None  # HF >= 2024 folders mark the query slots with this token; we need no slots
+
+
+class Blip2(nn.Module):
+    """
+    Notable details
+    - OPT (decoder-only): the LLM input is [queries; BOS + prompt]; the answer ends at "\\n" (LAVIS). Batched prompts
+      are left-padded and the padding goes before the queries, so the model sees the HF layout.
+    - FlanT5 (encoder-decoder): the encoder reads [queries; prompt + </s>], the decoder starts from <pad> = 0.
+      Never run in fp16: the feed-forward activations overflow (use bf16 or fp32).
+    - `generate` returns new token ids only, padded with the pad id.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.vit = vt.ViT(cfg.vit)
+        self.ln_vision = nn.LayerNorm(cfg.vit.width, eps=cfg.ln_vision_eps)
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.qformer.num_query_tokens, cfg.qformer.width).normal_(std=0.02))
+        self.qformer = qf.QFormer(cfg.qformer)
+        self.is_t5 = isinstance(cfg.lm, t5m.T5Config)
+        self.lm = t5m.T5(cfg.lm) if self.is_t5 else op.OPT(cfg.lm)
+        self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.d_model if self.is_t5 else cfg.lm.width)
+        self.tokenizer = None  # set by from_pretrained
+        self.end_id = cfg.lm.eos_id  # OPT: "\n" (LAVIS), from the tokenizer when there is one
+
+    def visual_prompt(self, pixel_values):  # (B, 3, S, S) -> (B, Q, C_lm)
+        image = self.ln_vision(self.vit(pixel_values))
+        Q = self.query_tokens.expand(image.size(0), -1, -1)
+        h, _ = self.qformer(query_embeds=Q, image=image)
+        return self.language_projection(h)
+
+    @torch.no_grad()
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, *, max_new_tokens=30, min_new_tokens=0,
+                 num_beams=1, length_penalty=1.0, repetition_penalty=1.0, do_sample=False, temperature=1.0,
+                 top_p=1.0, generator=None, use_cache=True):
+        """pixel_values (B, 3, S, S); input_ids (B, T): BOS + prompt for OPT (left-padded), prompt + </s> for T5.
+        Returns the new token ids (B, T_new), padded with the pad id. use_cache=False recomputes every step from
+        scratch: slow, but the plain definition that the cached path is tested against."""
+        lm, cfg = self.lm, self.cfg.lm
+        prompt = self.visual_prompt(pixel_values)
+        B, Q = prompt.size(0), prompt.size(1)
+        if input_ids is None:
+            input_ids = torch.full((B, 1), cfg.eos_id if self.is_t5 else cfg.bos_id, device=prompt.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = torch.cat([prompt, lm.embed(input_ids).to(prompt.dtype)], dim=1)  # (B, Q + T, C)
+        mask = torch.cat([attention_mask.new_ones(B, Q), attention_mask], dim=1)
+        if not self.is_t5:  # left padding goes before the queries, which is where HF puts it
+            order = torch.argsort(mask, dim=1, stable=True)
+            embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+        expand = lambda t: t.repeat_interleave(num_beams, dim=0)  # rows: batch-major, then beams
+        embeds, mask = expand(embeds), expand(mask)
+        if self.is_t5:
+            enc = lm.encode(inputs_embeds=embeds, attention_mask=mask)
+            history = torch.full((B, 1), cfg.decoder_start_id, device=embeds.device)
+            seq = expand(history)  # the decoder's input so far
+
+            def run(new, cache):  # new: the decoder tokens not yet seen by the cache
+                return lm.decode(new, enc, mask, cache)
+        else:
+            history, seq = input_ids, embeds.new_zeros(embeds.size(0), 0, dtype=torch.long)
+
+            def run(new, cache):  # new: the generated tokens not yet seen by the cache
+                if cache is None:  # the prompt embeddings, then the new tokens
+                    x = torch.cat([embeds, lm.embed(new).to(embeds.dtype)], dim=1)
+                    return lm(inputs_embeds=x, attention_mask=mask_for(x.size(1)))
+                return lm(input_ids=new, attention_mask=mask_for(cache[0][0].size(2) + new.size(1)), cache=cache)
+
+            def mask_for(length):  # the prompt's mask, then ones for the generated tokens
+                return torch.cat([mask, mask.new_ones(mask.size(0), length - mask.size(1))], dim=1)
+        state = dict(seq=seq, cache=None)
+
+        def start():
+            logits, cache = run(state["seq"], None)
+            state["cache"] = cache if use_cache else None
+            return logits[:, -1]
+
+        def step(tokens, beams):  # one new token per row, after reordering the rows along `beams`
+            if beams is not None:
+                state["seq"] = state["seq"][beams]
+                if use_cache:
+                    state["cache"] = [tuple(t[beams] for t in layer) for layer in state["cache"]]
+            state["seq"] = torch.cat([state["seq"], tokens[:, None]], dim=1)
+            new = tokens[:, None] if use_cache else state["seq"]
+            logits, cache = run(new, state["cache"])
+            state["cache"] = cache if use_cache else None
+            return logits[:, -1]
+
+        return generate(start, step, history, eos_id=self.end_id, pad_id=cfg.pad_id,
+                        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                        length_penalty=length_penalty, repetition_penalty=repetition_penalty, do_sample=do_sample,
+                        temperature=temperature, top_p=top_p, generator=generator)
+
+    # --- the paper's two zero-shot uses ---------------------------------------------------------------------
+
+    def caption(self, images, prompt="", **kw):
+        """Images (paths, PIL images or a (B, 3, S, S) tensor) -> captions. LAVIS defaults: beam 5, 1..30 new tokens."""
+        pixels = self._pixels(images)
+        kw = dict(num_beams=5, max_new_tokens=30, min_new_tokens=1) | kw
+        return self._complete(pixels, [prompt] * pixels.size(0), kw)
+
+    def answer(self, images, questions, **kw):
+        """Zero-shot VQA with the paper's prompt, beam 5, length penalty -1, at most 10 new tokens (§4.2)."""
+        template = "Question: {} Short answer:" if self.is_t5 else "Question: {} Answer:"
+        kw = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0) | kw
+        return self._complete(self._pixels(images), [template.format(q) for q in questions], kw)
+
+    def _pixels(self, images):
+        p = next(self.parameters())
+        if not torch.is_tensor(images):
+            images = torch.stack([load_image(im, self.cfg.vit.image_size) for im in images])
+        return images.to(p.device, p.dtype)
+
+    def _complete(self, pixels, prompts, kw):
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer; load it with Blip2.from_pretrained or set .tokenizer")
+        side = "right" if self.is_t5 else "left"  # decoder-only prompts are left-padded (HF #22014)
+        # OPT's learned positions end at max_positions; T5's relative ones do not, LAVIS cuts its prompts at 512
+        room = 512 if self.is_t5 else self.cfg.lm.max_positions - self.cfg.qformer.num_query_tokens - kw["max_new_tokens"]
+        full, _ = self.tokenizer(prompts, truncation=False, padding_side=side)
+        if full.size(1) > room:
+            warnings.warn(f"prompt of {full.size(1)} tokens truncated to {room} to fit the model's context")
+        ids, mask = self.tokenizer(prompts, max_length=room, padding_side=side)
+        out = self.generate(pixels, ids.to(pixels.device), mask.to(pixels.device), **kw)
+        return [t.strip() for t in self.tokenizer.batch_decode(out)]
+
+    # --- loading --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, src, device="cpu", dtype=None, image_size=None):
+        """From an HF BLIP-2 folder (Blip2ForConditionalGeneration, original or 2024 layout) or a Hub id."""
+        folder = resolve(src)
+        d = read_config(folder)
+        if d.get("model_type") != "blip-2":
+            raise CheckpointError(f"{folder}: model_type {d.get('model_type')!r}, not a BLIP-2 folder")
+        kind = (d.get("text_config") or {}).get("model_type", "opt")
+        if kind not in ("opt", "t5"):
+            raise CheckpointError(f"{folder}: language model {kind!r} is not supported (OPT or T5 only)")
+        if kind == "t5" and dtype == torch.float16:
+            raise ValueError("FlanT5 overflows in float16; use bfloat16 or float32")
+        try:
+            tok = (load_t5_tokenizer if kind == "t5" else load_opt_tokenizer)(folder)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{folder}: tokenizer files missing ({e})") from None
+        lm_cfg = t5m.T5Config.from_hf(d) if kind == "t5" else op.OPTConfig.from_hf(d)
+        cfg = Blip2Config(vit=vt.ViTConfig.from_hf(d, image_size), qformer=qf.QFormerConfig.from_hf_blip2(d), lm=lm_cfg,
+                          ln_vision_eps=d.get("vision_config", {}).get("layer_norm_eps", 1e-6),
+                          image_token_index=d.get("image_token_index"))
+        model = build_empty(cls, cfg, device, dtype)
+        table = {"vit." + k: v for k, v in vt.hf_keys(cfg.vit)["table"].items()}
+        table |= {"qformer." + k: v for k, v in qf.hf_table(cfg.qformer).items()}
+        table |= {"query_tokens": "query_tokens", "ln_vision.weight": "vision_model.post_layernorm.weight",
+                  "ln_vision.bias": "vision_model.post_layernorm.bias",
+                  "language_projection.weight": "language_projection.weight",
+                  "language_projection.bias": "language_projection.bias"}
+        if kind == "t5":
+            keys = {k for f in safetensors_files(folder) for k in safe_open(f, framework="pt").keys()}
+            lm = t5m.hf_keys(cfg.lm, "language_model.", keys)
+            table |= {"lm." + k: v for k, v in lm["table"].items()}
+        else:
+            lm = op.hf_keys(cfg.lm, prefix="lm.")
+            table |= lm["table"]
+        ignore = [p for p in lm["ignore"] if p.startswith("language_model.")]
+        load_weights(model, folder, table, ignore=ignore, canon=lm.get("canon"))
+        model.tokenizer = tok
+        model.end_id = cfg.lm.eos_id if kind == "t5" else tok.newline_id
+        return model.eval()

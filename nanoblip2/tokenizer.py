@@ -1,4 +1,4 @@
-"""
+r"""
 Tokenizers, as thin wrappers over the `tokenizers` library (no transformers at runtime).
 
 Q-Former: BERT WordPiece (`bert-base-uncased`) plus a `[DEC]` BOS token, as LAVIS builds it in
@@ -22,12 +22,41 @@ Notable details:
   cleans up per token and leaves "man ' s"; so does transformers 5's BertTokenizer unless
   `clean_up_tokenization_spaces` is set (its default changed from True in transformers 4 to False).
 - Padding/truncation settings stored inside a `tokenizer.json` are cleared on load; `__call__` sets its own.
+
+OPT: GPT-2 byte-level BPE, as `AutoTokenizer.from_pretrained("facebook/opt-2.7b", use_fast=False)` in LAVIS
+`Blip2OPT.__init__` (lavis/models/blip2_models/blip2_opt.py:91-93). SPEC §4.1 and §7.4.
+- Every text gets the BOS `</s>` (id 2) in front (`add_bos_token`, True unless `tokenizer_config.json` says otherwise,
+  because transformers 5 no longer writes it there) and no EOS at the end. Pad is `<pad>` = 1, and unk is also `</s>`.
+- Generation ends on "\n", not on EOS. In byte-level BPE the vocabulary string for "\n" is "Ċ" (each byte is mapped to
+  a printable character), so `token_id("\n")` fails; use `tok.newline_id` = `token_id("Ċ")` (50118 in OPT), the
+  token a caption's final "\n" becomes.
+- Vocabulary, merges and added tokens come from the files; the pipeline around them is rebuilt as transformers'
+  GPT2Tokenizer builds it (ByteLevel pre-tokenizer with `add_prefix_space` from the config, default False; ByteLevel
+  decoder; no normalizer), whatever a `tokenizer.json` says. A leading space is part of the first word ("Ġa" != "a").
+- Added tokens keep the ids their files give them: `<image>` = 50265 in the 2024 Salesforce/blip2-opt-* uploads
+  (`added_tokens.json`, `added_tokens_decoder` in `tokenizer_config.json`, or `added_tokens` in `tokenizer.json`).
+  Special are the named tokens (bos/eos/unk/pad) and whatever the files mark special: with OPT's files a literal
+  "<s>" in a caption is three BPE pieces, a literal "</s>" one token.
+- `decode` does no space clean-up (transformers refuses to do it for BPE): the bytes are joined and read as UTF-8,
+  with U+FFFD for a cut multi-byte character.
+
+T5: SentencePiece Unigram, as `T5TokenizerFast.from_pretrained("google/flan-t5-xl")` in LAVIS `Blip2T5.__init__`
+(lavis/models/blip2_models/blip2_t5.py). SPEC §4.2 and §7.4.
+- Needs `tokenizer.json`: reading `spiece.model` takes the protobuf/sentencepiece packages (`tokenizers`'
+  `SentencePieceUnigramTokenizer.from_spm` too), which we do not depend on. flan-t5 repos ship `tokenizer.json`.
+- The file's pipeline is used as it is (flan-t5: Precompiled normalizer, WhitespaceSplit + Metaspace "▁"), as
+  transformers 4's T5TokenizerFast did (transformers 5's `from_pretrained` rebuilds that same pipeline around the
+  file's vocabulary); `</s>` (id 1) is appended to every text even if the file has no post-processor.
+- `<pad>` = 0 is also the decoder start id; unk is `<unk>` = 2; there is no BOS (`bos_id` is None).
+  `<extra_id_*>` sentinels are special tokens (skipped by `decode`).
+- `decode` does no space clean-up, like transformers 5 (transformers 4, which LAVIS ran, glued " ." to ".").
 """
 
 import json
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
@@ -35,14 +64,16 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special ids the models need. Shared by the BERT, OPT and T5 loaders."""
 
-    def __init__(self, tk: HFTokenizer, pad: str, bos: str, eos: str, cls: str | None = None,
+    def __init__(self, tk: HFTokenizer, pad: str, bos: str | None, eos: str, cls: str | None = None,
                  clean_up_spaces: bool = False):
         tk.no_padding()
         tk.no_truncation()
         self.tk, self.clean_up_spaces = tk, clean_up_spaces
-        self.pad_id, self.bos_id, self.eos_id = self.token_id(pad), self.token_id(bos), self.token_id(eos)
+        self.pad_id, self.eos_id = self.token_id(pad), self.token_id(eos)
+        self.bos_id = self.token_id(bos) if bos is not None else None  # T5 has none
         self.cls_id = self.token_id(cls) if cls is not None else None
         self.sep_id = self.eos_id  # BERT's name for the end token
+        self.newline_id = None  # OPT's generation end token, set by load_opt_tokenizer
 
     def token_id(self, token: str) -> int:
         i = self.tk.token_to_id(token)
@@ -113,3 +144,67 @@ def load_bert_tokenizer(folder: str | Path) -> Tokenizer:
         raise FileNotFoundError(f"no BERT tokenizer in {folder}: looked for tokenizer.json or vocab.txt")
     tk.add_special_tokens(["[DEC]"])  # next free id unless the vocabulary already has it
     return Tokenizer(tk, pad="[PAD]", bos="[DEC]", eos="[SEP]", cls="[CLS]", clean_up_spaces=True)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def load_opt_tokenizer(folder: str | Path) -> Tokenizer:
+    """The OPT tokenizer from a folder with `tokenizer.json` or `vocab.json` + `merges.txt` (+ the optional
+    `tokenizer_config.json`, `special_tokens_map.json`, `added_tokens.json`)."""
+    folder = Path(folder)
+    cfg = {**read_json(folder / "special_tokens_map.json"), **read_json(folder / "tokenizer_config.json")}
+    if (folder / "tokenizer.json").is_file():
+        tk = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        tk = HFTokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    else:
+        raise FileNotFoundError(f"no OPT tokenizer in {folder}: looked for tokenizer.json or vocab.json + merges.txt")
+    if not isinstance(tk.model, models.BPE):
+        raise ValueError(f"{folder}/tokenizer.json is a {type(tk.model).__name__}, not OPT's byte-level BPE")
+    tk.normalizer = None
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=cfg.get("add_prefix_space", False))
+    tk.decoder = decoders.ByteLevel()
+
+    # added tokens (<image>), lowest id first, so each lands on the id its file gives it
+    added = {int(i): AddedToken(**{k: v for k, v in t.items() if k != "__type"})
+             for i, t in cfg.get("added_tokens_decoder", {}).items()}
+    for content, i in read_json(folder / "added_tokens.json").items():
+        added.setdefault(int(i), AddedToken(content, normalized=False, special=False))
+    for i, token in sorted(added.items()):
+        tk.add_tokens([token])
+        if tk.token_to_id(token.content) != i:
+            raise ValueError(f"added token {token.content!r} should have id {i} in {folder}, "
+                             f"got {tk.token_to_id(token.content)}")
+
+    def name(key):  # a string or, in older configs, an AddedToken dict; OPT's tokens by default
+        value = cfg.get(f"{key}_token", "<pad>" if key == "pad" else "</s>")
+        return value["content"] if isinstance(value, dict) else value
+    bos, eos, unk, pad = map(name, ("bos", "eos", "unk", "pad"))
+    tk.add_special_tokens([bos, eos, unk, pad])  # already in the vocabulary: ids unchanged, now unsplittable
+    if cfg.get("add_bos_token", True):
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, tk.token_to_id(bos))])
+    else:
+        tk.post_processor = None
+    tok = Tokenizer(tk, pad=pad, bos=bos, eos=eos)
+    tok.newline_id = tok.token_id("Ċ")  # byte 0x0A in GPT-2's byte-to-unicode map, a base token of every vocab
+    return tok
+
+
+def load_t5_tokenizer(folder: str | Path) -> Tokenizer:
+    """The (Flan-)T5 tokenizer from a folder with `tokenizer.json`."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        tk = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "spiece.model").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {folder}: reading its spiece.model would need protobuf or "
+                                "sentencepiece; put the repo's tokenizer.json there (google/flan-t5-* has one)")
+    else:
+        raise FileNotFoundError(f"no T5 tokenizer in {folder}: looked for tokenizer.json (or spiece.model)")
+    if not isinstance(tk.model, models.Unigram):
+        raise ValueError(f"{folder}/tokenizer.json is a {type(tk.model).__name__}, not T5's SentencePiece Unigram")
+    tk.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tk.token_to_id("</s>"))])
+    return Tokenizer(tk, pad="<pad>", bos=None, eos="</s>")

@@ -1,0 +1,113 @@
+"""
+Text generation shared by OPT and FlanT5: greedy, sampling (temperature, top-p) and beam search.
+Produces the same ids as HF `GenerationMixin.generate` (generation/utils.py, transformers 5) for greedy and beam.
+
+Notable details
+- The model is behind two callables: `start()` runs the prompt once and returns the logits of its last position
+  (B, V); `step(tokens, beams)` feeds one new token per row, after reordering the KV cache along `beams` when it is
+  given, and returns the next logits. Rows are (batch * num_beams) in batch-major order.
+- Lengths are counted in new tokens (`max_new_tokens`, `min_new_tokens`), never in total length (SPEC §8.8).
+- Greedy and sampling modify raw logits; beam search modifies log-probabilities (log_softmax first), as HF does.
+  The repetition penalty looks at `history` (the prompt's token ids) plus everything generated.
+- Beam search is HF's vectorised algorithm: keep the top 2K continuations of all K beams; the best K that did not
+  just end keep running; those among the top K that ended (end token or length limit) compete for the K finished
+  slots with score sum(log p) / new_len ** length_penalty. A batch item stops once all K slots are filled and its
+  best running beam, scored at its current length, cannot beat the worst finished one. length_penalty < 0
+  favours short answers (the paper's VQA setting, -1).
+- Rows that have finished are padded with `pad_id`; the result is (B, longest new length).
+"""
+import torch
+import torch.nn.functional as F
+
+
+def process(scores, seqs, t, *, eos_id, min_new_tokens, repetition_penalty):
+    """Logit processors, in place of HF's RepetitionPenalty and MinNewTokens. seqs: (N, prompt + t) token ids."""
+    if repetition_penalty != 1.0 and seqs.size(1) > 0:
+        s = scores.gather(1, seqs)
+        scores = scores.scatter(1, seqs, torch.where(s < 0, s * repetition_penalty, s / repetition_penalty))
+    if t < min_new_tokens:
+        scores = scores.clone()
+        scores[:, eos_id] = -float("inf")
+    return scores
+
+
+def top_p_filter(logits, top_p):
+    """Keep the smallest set of tokens whose probability adds up to top_p (HF TopPLogitsWarper)."""
+    sorted_logits, order = logits.sort(dim=-1)
+    remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+    remove[:, -1] = False
+    return logits.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+
+
+@torch.no_grad()
+def generate(start, step, history, *, eos_id, pad_id, max_new_tokens=30, min_new_tokens=0, num_beams=1,
+             length_penalty=1.0, repetition_penalty=1.0, do_sample=False, temperature=1.0, top_p=1.0, generator=None):
+    """history: (B, P) prompt ids seen by the repetition penalty (P may be 0). Returns new ids (B, T<=max_new_tokens)."""
+    opts = dict(eos_id=eos_id, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
+    if num_beams > 1:
+        return beam_search(start, step, history, num_beams, max_new_tokens, length_penalty, pad_id, opts)
+    B = history.size(0)
+    seqs, done = history, torch.zeros(B, dtype=torch.bool, device=history.device)
+    logits = start()
+    for t in range(max_new_tokens):
+        scores = process(logits.float(), seqs, t, **opts)
+        if do_sample:
+            scores = scores / temperature
+            scores = top_p_filter(scores, top_p) if top_p < 1.0 else scores
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            nxt = scores.argmax(-1)
+        nxt = torch.where(done, pad_id, nxt)
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        done |= nxt == eos_id
+        if done.all() or t == max_new_tokens - 1:
+            break
+        logits = step(nxt, None)
+    return seqs[:, history.size(1):]
+
+
+def beam_search(start, step, history, K, max_new, length_penalty, pad_id, opts):
+    B, P = history.size(0), history.size(1)
+    dev = history.device
+    gather = lambda x, idx: x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:]))
+    running = torch.full((B, K, P + max_new), pad_id, dtype=torch.long, device=dev)
+    running[:, :, :P] = history[:, None]
+    run_scores = torch.zeros(B, K, device=dev)
+    run_scores[:, 1:] = -1e9                             # all beams start equal: expand only the first
+    best = running.clone()                               # the K finished hypotheses per item
+    best_scores = torch.full((B, K), -1e9, device=dev)
+    best_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    best_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+    open_ = torch.ones(B, 1, dtype=torch.bool, device=dev)  # can a running beam still beat a finished one?
+    in_top_k = torch.arange(2 * K, device=dev) < K
+    logits = start()                                      # (B * K, V)
+    for t in range(max_new):
+        logp = process(F.log_softmax(logits.float(), dim=-1), running[:, :, :P + t].flatten(0, 1), t, **opts)
+        V = logp.size(-1)
+        logp = (logp.view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
+        top_scores, top_idx = logp.topk(2 * K)                                  # (B, 2K)
+        beam, tok = top_idx // V, top_idx % V
+        cand = gather(running, beam)
+        cand[:, :, P + t] = tok
+        ended = (tok == opts["eos_id"]) | (t + 1 >= max_new)
+        # the best K candidates that did not end keep running
+        keep_scores = top_scores + ended.float() * -1e9
+        nxt = keep_scores.topk(K)[1]
+        running, run_scores, src_beam = gather(cand, nxt), gather(keep_scores, nxt), gather(beam, nxt)
+        # candidates among the top K that ended compete for the finished slots
+        just = ended & in_top_k[None]
+        fin_scores = top_scores / ((t + 1) ** length_penalty)
+        fin_scores = fin_scores + (~open_).float() * -1e9
+        fin_scores = fin_scores + (~just) * -1e9
+        merged = torch.cat([best_scores, fin_scores], dim=1).topk(K)[1]
+        best = gather(torch.cat([best, cand], dim=1), merged)
+        best_scores = gather(torch.cat([best_scores, fin_scores], dim=1), merged)
+        best_done = gather(torch.cat([best_done, just], dim=1), merged)
+        best_len = gather(torch.cat([best_len, torch.full_like(just, t + 1, dtype=torch.long)], dim=1), merged)
+        worst = torch.where(best_done, best_scores.min(dim=1, keepdim=True)[0], -1e9)
+        open_ = open_ & (run_scores[:, :1] / ((t + 1) ** length_penalty) > worst).any(dim=-1, keepdim=True)
+        if not open_.any() or ended.all():
+            break
+        rows = (src_beam + torch.arange(B, device=dev)[:, None] * K).flatten()
+        logits = step(running[:, :, P + t].flatten(), rows)
+    return best[:, 0, P:P + int(best_len[:, 0].max())]  # slots past a hypothesis' end still hold pad_id

@@ -1,0 +1,198 @@
+"""
+OPT, the frozen decoder-only LLM of BLIP-2 (paper §3.3, Figure 3 top): the projected queries are a soft visual
+prompt placed before the text embeddings. Matches HF `OPTForCausalLM` (models/opt/modeling_opt.py), which is
+what LAVIS `blip2_opt.py` runs.
+
+Notable details
+- Learned absolute positions with an offset of 2 (a fairseq leftover): the table has max_positions + 2 rows and
+  token t reads row pos(t) + 2. pos comes from the cumulative sum of the attention mask, minus 1, so the first
+  real token of a left-padded row is position 0; padding positions read row 1.
+- Pre-LN blocks (x + attn(ln1(x)), x + fc2(relu(fc1(ln2(x))))) and a final LayerNorm, all eps 1e-5 (not in
+  the config). opt-350m is the odd one: post-LN blocks (LN after each residual add), no final LayerNorm, and
+  word embeddings of 512 that `project_in` maps up to the width 1024 and `project_out` back down before the head.
+- The 1/sqrt(head_dim) scaling is applied to q right after its projection, before q.k (as HF and fairseq).
+- Causal + padding mask, with the diagonal always allowed: a padding query then sees at least itself, so no
+  softmax row is empty (no NaN in any SDPA backend); rows of real tokens are unchanged.
+- The LM head is the token embedding matrix (tied) unless tie_word_embeddings is False.
+- The KV cache is a plain list of (k, v) per layer, each (B, H, S, head_dim); a step concatenates to it. Batch is
+  dim 0 everywhere, so a beam search reorders it with [(k[idx], v[idx]) for k, v in cache].
+- No dropout: BLIP-2 keeps the LLM frozen in eval mode.
+- Checkpoints: keys are matched in the BLIP-2 layout (language_model.model.decoder.*); `canon` maps standalone
+  facebook/opt-* files (model.decoder.*, or decoder.* in old ones) onto it. A tied lm_head.weight is ignored
+  (transformers 5 does not write it, older files do).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .load import build_empty, load_weights, read_config
+
+
+@dataclass
+class OPTConfig:
+    vocab_size: int = 50272
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    ffn_dim: int = 3072
+    max_positions: int = 2048
+    word_embed_proj_dim: int = 768  # embedding width; != width only in opt-350m
+    pre_norm: bool = True           # do_layer_norm_before
+    final_norm: bool = True         # False for pre_norm=False, and for old fine-tunes with _remove_final_layer_norm
+    bias: bool = True               # enable_bias
+    ln_affine: bool = True          # layer_norm_elementwise_affine
+    pad_id: int = 1
+    bos_id: int = 2
+    eos_id: int = 2                 # BLIP-2 configs say 50118 ("\n")
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_hf(cls, d):
+        """From an OPT config.json or a BLIP-2 config.json (its text_config). HF omits keys equal to the class
+        defaults (those of OPTConfig in transformers), so they are spelled out here."""
+        if d.get("model_type") == "blip-2":
+            d = {"model_type": "opt"} | (d.get("text_config") or {})  # Blip2Config's text model defaults to OPT
+        if d.get("model_type") != "opt":
+            raise ValueError(f"model_type {d.get('model_type')!r} is not OPT")
+        hf = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
+                  max_position_embeddings=2048, word_embed_proj_dim=None, do_layer_norm_before=True,
+                  _remove_final_layer_norm=False, enable_bias=True, layer_norm_elementwise_affine=True,
+                  activation_function="relu", pad_token_id=1, bos_token_id=2, eos_token_id=2,
+                  tie_word_embeddings=True) | d
+        if hf["activation_function"] != "relu":
+            raise ValueError(f"activation_function {hf['activation_function']!r}: only OPT's relu is implemented")
+        eos = hf["eos_token_id"]
+        return cls(vocab_size=hf["vocab_size"], width=hf["hidden_size"], depth=hf["num_hidden_layers"],
+                   heads=hf["num_attention_heads"], ffn_dim=hf["ffn_dim"], max_positions=hf["max_position_embeddings"],
+                   word_embed_proj_dim=hf["word_embed_proj_dim"] or hf["hidden_size"],
+                   pre_norm=hf["do_layer_norm_before"],
+                   final_norm=hf["do_layer_norm_before"] and not hf["_remove_final_layer_norm"],
+                   bias=hf["enable_bias"], ln_affine=hf["layer_norm_elementwise_affine"], pad_id=hf["pad_token_id"],
+                   bos_id=hf["bos_token_id"], eos_id=eos[0] if isinstance(eos, list) else eos,
+                   tie_word_embeddings=hf["tie_word_embeddings"])
+
+
+PRESETS = {
+    "opt-125m": OPTConfig(),
+    "opt-2.7b": OPTConfig(width=2560, depth=32, heads=32, ffn_dim=10240, word_embed_proj_dim=2560),
+    "opt-6.7b": OPTConfig(width=4096, depth=32, heads=32, ffn_dim=16384, word_embed_proj_dim=4096),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads, self.scale = cfg.heads, (cfg.width // cfg.heads) ** -0.5
+        self.q = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
+        self.k = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
+        self.v = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
+        self.out = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
+
+    def forward(self, x, mask, past=None):  # x (B, T, C), mask (B, 1, T, S); past (k, v) each (B, H, S - T, C/H)
+        B, T, C = x.shape
+        split = lambda t: t.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, H, T, C/H)
+        q, k, v = split(self.q(x) * self.scale), split(self.k(x)), split(self.v(x))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, S, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # q is already scaled
+        return self.out(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.ln1 = nn.LayerNorm(cfg.width, elementwise_affine=cfg.ln_affine)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.width, elementwise_affine=cfg.ln_affine)
+        self.fc1 = nn.Linear(cfg.width, cfg.ffn_dim, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.width, bias=cfg.bias)
+
+    def forward(self, x, mask, past=None):
+        if self.pre_norm:
+            a, kv = self.attn(self.ln1(x), mask, past)
+            x = x + a
+            return x + self.fc2(F.relu(self.fc1(self.ln2(x)))), kv
+        a, kv = self.attn(x, mask, past)  # opt-350m: post-LN
+        x = self.ln1(x + a)
+        return self.ln2(x + self.fc2(F.relu(self.fc1(x)))), kv
+
+
+class OPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        E, C = cfg.word_embed_proj_dim, cfg.width
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, E)
+        self.embed_positions = nn.Embedding(cfg.max_positions + 2, C)  # + 2: the offset, see the docstring
+        self.project_in = nn.Linear(E, C, bias=False) if E != C else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.ln_f = nn.LayerNorm(C, elementwise_affine=cfg.ln_affine) if cfg.final_norm else None
+        self.project_out = nn.Linear(C, E, bias=False) if E != C else None
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(E, cfg.vocab_size, bias=False)
+
+    def embed(self, input_ids):  # (B, T) -> (B, T, E), token embeddings only (before project_in)
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
+        """-> logits (B, T, V), cache. attention_mask (B, S) covers the cached and the new positions, S = past + T."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
+        B, T = x.shape[:2]
+        past = 0 if cache is None else cache[0][0].size(2)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
+        attention_mask = attention_mask.long()
+
+        pos = (attention_mask.cumsum(1) * attention_mask - 1)[:, past:]  # (B, T), 0 at the first real token
+        i = torch.arange(past, past + T, device=x.device)[:, None]     # query positions in the sequence
+        j = torch.arange(past + T, device=x.device)                    # key positions
+        mask = ((j <= i) & attention_mask.bool()[:, None, None, :]) | (j == i)  # (B, 1, T, S)
+
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = x + self.embed_positions(pos + 2)
+        new_cache = []
+        for n, layer in enumerate(self.layers):
+            x, kv = layer(x, mask, None if cache is None else cache[n])
+            new_cache.append(kv)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head), new_cache
+
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu", dtype=None):
+        """From a facebook/opt-* folder or the language model of a BLIP-2 (OPT) folder."""
+        cfg = OPTConfig.from_hf(read_config(folder))
+        model = build_empty(cls, cfg, device, dtype)
+        load_weights(model, folder, **hf_keys(cfg))
+        return model.eval()
+
+
+def _canon(key):
+    """Standalone OPT keys -> the BLIP-2 layout: model.decoder.* / decoder.* / lm_head.* -> language_model.*"""
+    if key.startswith("decoder."):
+        key = "model." + key
+    return "language_model." + key if key.startswith(("model.decoder.", "lm_head.")) else key
+
+
+def hf_keys(cfg, prefix=""):
+    """`load_weights` arguments (table, ignore, canon) for a BLIP-2 (OPT) folder or a standalone facebook/opt-*
+    folder. `prefix` is put before our keys, for an OPT that sits inside a bigger module (e.g. "opt.")."""
+    D, L = "language_model.model.decoder.", "language_model.model.decoder.layers.{i}."
+    table = {"embed_tokens.weight": D + "embed_tokens.weight", "embed_positions.weight": D + "embed_positions.weight",
+             "project_in.weight": D + "project_in.weight", "project_out.weight": D + "project_out.weight",
+             "ln_f.weight": D + "final_layer_norm.weight", "ln_f.bias": D + "final_layer_norm.bias",
+             "lm_head.weight": "language_model.lm_head.weight"}
+    for ours, theirs in (("ln1", "self_attn_layer_norm"), ("ln2", "final_layer_norm"), ("fc1", "fc1"), ("fc2", "fc2"),
+                         ("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"),
+                         ("attn.v", "self_attn.v_proj"), ("attn.out", "self_attn.out_proj")):
+        table |= {f"layers.{{i}}.{ours}.{p}": f"{L}{theirs}.{p}" for p in ("weight", "bias")}
+    ignore = ["vision_model.*", "qformer.*", "query_tokens", "language_projection.*"]  # the rest of a BLIP-2 folder
+    if cfg.tie_word_embeddings:
+        ignore.append("language_model.lm_head.weight")  # = embed_tokens; written by older transformers only
+    return dict(table={prefix + k: v for k, v in table.items()}, ignore=ignore, canon=_canon)
