@@ -15,7 +15,7 @@ import torch
 from nanoblip2.blip2 import Blip2, num_params
 from nanoblip2.cli import parse_args
 from nanoblip2.data import ImageError, load_image
-from nanoblip2.load import CheckpointError
+from nanoblip2.load import CheckpointError, HubError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -69,6 +69,6 @@ if __name__ == "__main__":
     cfg = parse_args(SampleConfig(), doc=__doc__)
     try:
         main(cfg)
-    except (ImageError, CheckpointError, FileNotFoundError, ValueError, OSError) as e:
+    except (ImageError, CheckpointError, HubError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

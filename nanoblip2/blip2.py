@@ -196,32 +196,37 @@ class Blip2(nn.Module):
         if not self.is_t5:  # left padding goes before the queries, which is where HF puts it
             order = torch.argsort(mask, dim=1, stable=True)
             embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
-        expand = lambda t: t.repeat_interleave(num_beams, dim=0)  # rows: batch-major, then beams
-        embeds, mask = expand(embeds), expand(mask)
+        # the prompt runs once per image; its outputs are then copied for each beam (rows: batch-major, then beams)
+        expand = lambda t: t.repeat_interleave(num_beams, dim=0)
         if self.is_t5:
-            enc = lm.encode(inputs_embeds=embeds, attention_mask=mask)
+            enc1 = lm.encode(inputs_embeds=embeds, attention_mask=mask)
+            enc, enc_mask = expand(enc1), expand(mask)
             history = torch.full((B, 1), cfg.decoder_start_id, device=embeds.device)
-            seq = expand(history)  # the decoder's input so far
 
-            def run(new, cache):  # new: the decoder tokens not yet seen by the cache
-                return lm.decode(new, enc, mask, cache)
+            def prefill():
+                return lm.decode(history, enc1, mask)
+
+            def run(seq, cache):  # the whole decoder input without a cache, else its newest token
+                return lm.decode(seq if cache is None else seq[:, -1:], enc, enc_mask, cache)
         else:
-            history, seq = input_ids, embeds.new_zeros(embeds.size(0), 0, dtype=torch.long)
+            history = input_ids
 
-            def run(new, cache):  # new: the generated tokens not yet seen by the cache
-                if cache is None:  # the prompt embeddings, then the new tokens
-                    x = torch.cat([embeds, lm.embed(new).to(embeds.dtype)], dim=1)
-                    return lm(inputs_embeds=x, attention_mask=mask_for(x.size(1)))
-                return lm(input_ids=new, attention_mask=mask_for(cache[0][0].size(2) + new.size(1)), cache=cache)
+            def prefill():
+                return lm(inputs_embeds=embeds, attention_mask=mask, last_only=True)
 
-            def mask_for(length):  # the prompt's mask, then ones for the generated tokens
-                return torch.cat([mask, mask.new_ones(mask.size(0), length - mask.size(1))], dim=1)
-        state = dict(seq=seq, cache=None)
+            def run(seq, cache):  # the generated tokens: all of them after the prompt without a cache, else the newest
+                full_mask = torch.cat([expand(mask), mask.new_ones(seq.size(0), seq.size(1))], dim=1)
+                if cache is None:
+                    x = torch.cat([expand(embeds), lm.embed(seq).to(embeds.dtype)], dim=1)
+                    return lm(inputs_embeds=x, attention_mask=full_mask, last_only=True)
+                return lm(input_ids=seq[:, -1:], attention_mask=full_mask, cache=cache)
+        state = dict(seq=expand(history) if self.is_t5 else history.new_zeros(B * num_beams, 0), cache=None)
 
         def start():
-            logits, cache = run(state["seq"], None)
-            state["cache"] = cache if use_cache else None
-            return logits[:, -1]
+            logits, cache = prefill()
+            if use_cache:
+                state["cache"] = [tuple(expand(t) for t in layer) for layer in cache]
+            return expand(logits[:, -1])
 
         def step(tokens, beams):  # one new token per row, after reordering the rows along `beams`
             if beams is not None:
@@ -229,8 +234,7 @@ class Blip2(nn.Module):
                 if use_cache:
                     state["cache"] = [tuple(t[beams] for t in layer) for layer in state["cache"]]
             state["seq"] = torch.cat([state["seq"], tokens[:, None]], dim=1)
-            new = tokens[:, None] if use_cache else state["seq"]
-            logits, cache = run(new, state["cache"])
+            logits, cache = run(state["seq"], state["cache"])
             state["cache"] = cache if use_cache else None
             return logits[:, -1]
 

@@ -73,11 +73,11 @@ def load_weights(module, folder_or_files, table, ignore=(), fresh=(), canon=None
     """Copy the tensors of an HF checkpoint into `module`, strictly. Returns the number of tensors copied."""
     t0 = time.time()
     files = safetensors_files(folder_or_files) if isinstance(folder_or_files, str) else list(folder_or_files)
-    handles = [safe_open(f, framework="pt") for f in files]
-    where = {}  # canonical file key -> (handle, original key)
-    for h in handles:
-        for k in h.keys():
-            where[canon(k) if canon else k] = (h, k)
+    where = {}  # canonical file key -> (file, original key)
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                where[canon(k) if canon else k] = (f, k)
 
     ours = dict(module.state_dict(keep_vars=True))
     plan, missing, used = {}, [], set()
@@ -92,11 +92,11 @@ def load_weights(module, folder_or_files, table, ignore=(), fresh=(), canon=None
         used.update(hit[1])
     unexpected = [k for k in where if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in ignore)]
 
-    mismatched, n_params = [], 0
+    mismatched, n_params, reader = [], 0, _Reader()
     if not missing and not unexpected:
         with torch.no_grad():
             for key, (fn, srcs) in plan.items():
-                tensors = [where[s][0].get_tensor(where[s][1]) for s in srcs]
+                tensors = [reader.get(*where[s]) for s in srcs]
                 t = fn(*tensors) if fn else tensors[0]
                 dst = ours[key]
                 if t.shape != dst.shape:
@@ -114,6 +114,22 @@ def load_weights(module, folder_or_files, table, ignore=(), fresh=(), canon=None
         print(f"loaded {type(module).__name__}: {len(plan)} tensors, {n_params / 1e6:.2f}M params "
               f"from {len(files)} file(s) in {time.time() - t0:.1f}s")
     return len(plan)
+
+
+class _Reader:
+    """safetensors maps the file into memory, and every page read stays in this process's RSS until it is unmapped:
+    read a 10 GB file into a 10 GB model and the peak is 20 GB. So the file is reopened every 64 MB read, which
+    drops the pages read so far, and the peak stays at the model plus 64 MB (or its largest tensor)."""
+
+    def __init__(self, budget=64 << 20):
+        self.budget, self.file, self.handle, self.read = budget, None, None, 0
+
+    def get(self, file, key):
+        if file != self.file or self.read > self.budget:
+            self.file, self.handle, self.read = file, safe_open(file, framework="pt"), 0
+        t = self.handle.get_tensor(key)
+        self.read += t.numel() * t.element_size()
+        return t
 
 
 def build_empty(cls, cfg, device="cpu", dtype=None):

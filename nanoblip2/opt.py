@@ -136,8 +136,9 @@ class OPT(nn.Module):
     def embed(self, input_ids):  # (B, T) -> (B, T, E), token embeddings only (before project_in)
         return self.embed_tokens(input_ids)
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
-        """-> logits (B, T, V), cache. attention_mask (B, S) covers the cached and the new positions, S = past + T."""
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, last_only=False):
+        """-> logits (B, T, V), cache. attention_mask (B, S) covers the cached and the new positions, S = past + T.
+        last_only: logits of the last position only (B, 1, V), all that generation needs from a prompt."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
         B, T = x.shape[:2]
         past = 0 if cache is None else cache[0][0].size(2)
@@ -157,6 +158,8 @@ class OPT(nn.Module):
         for n, layer in enumerate(self.layers):
             x, kv = layer(x, mask, None if cache is None else cache[n])
             new_cache.append(kv)
+        if last_only:
+            x = x[:, -1:]
         if self.ln_f is not None:
             x = self.ln_f(x)
         if self.project_out is not None:
