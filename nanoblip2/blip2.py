@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -37,6 +38,8 @@ class Stage1Config:
     qformer: qf.QFormerConfig = field(default_factory=qf.QFormerConfig)
     embed_dim: int = 256          # ITC projection width
     ln_vision_eps: float = 1e-5
+    dec_id: int = 30522           # [DEC], the ITG start token: BERT's vocabulary size
+    pad_id: int = 0               # [PAD]
 
 
 class Blip2Stage1(nn.Module):
@@ -71,6 +74,44 @@ class Blip2Stage1(nn.Module):
         h, _ = self.qformer(query_embeds=Q, input_ids=input_ids, image=image,
                             mask=qf.bidirectional_mask(Q.size(1), attention_mask))
         return self.itm_head(h[:, :Q.size(1)]).mean(dim=1)
+
+    # --- training: the three stage-1 losses (§3.2, LAVIS blip2_qformer.py:90-275) ---------------------------
+
+    def forward(self, pixel_values, input_ids, attention_mask, generator=None):
+        """pixel_values (B, 3, S, S); input_ids (B, T) = [CLS] caption [SEP], padded; generator: for the ITM negatives.
+        Returns a dict with loss = loss_itc + loss_itm + loss_itg (equal weights, as LAVIS)."""
+        B, rank = pixel_values.size(0), _rank()
+        image = self.image_embeds(pixel_values)                             # (B, N, Cv); no graph if the ViT is frozen
+        Q = self.query_tokens.expand(B, -1, -1)
+        q_out, past = self.qformer(query_embeds=Q, image=image)             # the queries' K/V are reused by ITG
+        img_feats = F.normalize(self.vision_proj(q_out), dim=-1)            # (B, Q, D)
+        txt_feat = self.text_feat(input_ids, attention_mask)                # (B, D)
+
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)  # Deviation from LAVIS: clamped as in BLIP-1 (and kept out of weight decay)
+        loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp)
+
+        # ITM: every pair once positive, then a hard negative image for each text and a hard negative text for
+        # each image, drawn from the softmax of the ITC similarities with the positives masked out
+        neg_img = hard_negatives(sim_t2i, rank, generator)                  # (B,) indices into all ranks' images
+        neg_txt = hard_negatives(sim_i2t, rank, generator)
+        image_all = _gather(image)                                          # ViT features of all ranks
+        ids_all, mask_all = _gather(input_ids, grad=False), _gather(attention_mask, grad=False)
+        images = torch.cat([image, image_all[neg_img], image])
+        ids = torch.cat([input_ids, input_ids, ids_all[neg_txt]])
+        masks = torch.cat([attention_mask, attention_mask, mask_all[neg_txt]])
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
+        loss_itm = F.cross_entropy(self.itm_from_embeds(images, ids, masks), labels)
+
+        # ITG: caption the image, [CLS] -> [DEC], text sees the queries (through their cached K/V) and its past
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.cfg.dec_id
+        h, _ = self.qformer(input_ids=dec_ids, mask=qf.multimodal_causal_mask(Q.size(1), attention_mask)[:, Q.size(1):],
+                            past=past)
+        logits = self.qformer.logits(h[:, :-1])
+        target = dec_ids[:, 1:].masked_fill(dec_ids[:, 1:] == self.cfg.pad_id, -100)
+        loss_itg = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, label_smoothing=0.1)
+        return dict(loss=loss_itc + loss_itm + loss_itg, loss_itc=loss_itc, loss_itm=loss_itm, loss_itg=loss_itg)
 
     # --- public scoring ---------------------------------------------------------------------------------
 
@@ -116,7 +157,7 @@ class Blip2Stage1(nn.Module):
         """For training from scratch: the ViT of a BLIP-2 or CLIP folder, and a Q-Former initialised from BERT."""
         vcfg = vt.ViTConfig.from_hf(read_config(vit_src), image_size)
         qcfg = qf.QFormerConfig.from_hf_bert(read_config(bert_src), vcfg.width, num_query_tokens, cross_attention_freq)
-        model = build_empty(cls, Stage1Config(vit=vcfg, qformer=qcfg), device)
+        model = build_empty(cls, Stage1Config(vit=vcfg, qformer=qcfg, dec_id=qcfg.vocab_size - 1), device)
         load_weights(model.vit, vit_src, **vt.hf_keys(vcfg))
         # everything but the ViT starts fresh; then BERT overwrites what it provides
         model.qformer.apply(qf.QFormer._init_weights)
@@ -129,6 +170,63 @@ class Blip2Stage1(nn.Module):
         load_weights(model.qformer, bert_src, qf.bert_table(qcfg), ignore=qf.BERT_IGNORE, fresh=qf.BERT_FRESH,
                      canon=qf.bert_canon)
         return model
+
+
+def itc_loss(img_feats, txt_feat, temp):
+    """Image-text contrastive loss. img_feats (B, Q, D) and txt_feat (B, D) normalised, this rank's rows.
+    Each image is scored against every text of every rank and back; a pair's score is its best query.
+    Deviation from LAVIS (SPEC §10): the gather keeps gradients, so G ranks of B equal one process of G*B.
+    Returns the loss and the temp-scaled similarities (B, G*B) both ways, for the ITM negatives."""
+    img_all, txt_all = _gather(img_feats), _gather(txt_feat)                          # (G*B, Q, D), (G*B, D)
+    sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B)
+    sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B)
+    targets = torch.arange(img_feats.size(0), device=sim_i2t.device) + _rank() * img_feats.size(0)
+    loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) +
+            F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+def hard_negatives(sim, rank, generator=None):
+    """sim (B, G*B): temp-scaled ITC similarities of this rank's rows against all columns. One index per row,
+    drawn with probability softmax(sim) after the row's own positive (column rank*B + row) is masked out."""
+    with torch.no_grad():
+        B = sim.size(0)
+        w = sim.float().clone()
+        w[torch.arange(B), torch.arange(B) + rank * B] = -10000.0  # exp(-10000) is exactly 0 in fp32
+        return torch.multinomial(w.softmax(dim=1), 1, generator=generator).squeeze(1)
+
+
+def _rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for the gathered tensor and keeps this rank's rows
+    (LAVIS GatherLayer). torch.distributed.nn's all_gather gives wrong gradients on gloo for a gradient that
+    arrives non-contiguous, as einsum's do (torch 2.13)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        B = grad.size(0) // dist.get_world_size()
+        return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
+
+
+def _gather(t, grad=True):
+    """Concatenate `t` over all ranks along dim 0; with grad, gradients flow back to the rank that owns each row."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    if grad:
+        return _GatherWithGrad.apply(t)
+    with torch.no_grad():
+        return _GatherWithGrad.apply(t)
 
 
 def num_params(module):

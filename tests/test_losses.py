@@ -1,0 +1,160 @@
+"""The stage-1 losses (ITC, ITM, ITG) against direct re-computations written here, and DDP equivalence."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoblip2 import qformer as qf
+from nanoblip2 import vit as vt
+from nanoblip2.blip2 import Blip2Stage1, Stage1Config, hard_negatives, itc_loss
+
+V = 50  # vocabulary incl. [DEC] = 49
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = Stage1Config(vit=vt.ViTConfig(image_size=28, patch_size=7, width=24, depth=2, heads=2, mlp=37),
+                       qformer=qf.QFormerConfig(width=48, depth=4, heads=3, mlp=37, vision_width=24, num_query_tokens=5,
+                                                vocab_size=V, max_positions=20, eps=1e-7, dropout=0.0),
+                       embed_dim=16, dec_id=V - 1)
+    model = Blip2Stage1(cfg)
+    model.vit.requires_grad_(False)  # frozen, as in training
+    return model
+
+
+def batch(B=4, T=7, seed=0, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(B, 3, 28, 28, generator=g)
+    ids = torch.randint(3, V - 1, (B, T), generator=g)
+    ids[:, 0] = 1  # [CLS]
+    mask = torch.ones(B, T, dtype=torch.long)
+    if pad:
+        mask[1, 5:] = 0
+        mask[3, 4:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    ids[1, 4], ids[3, 3] = 2, 2  # [SEP]
+    return px, ids, mask
+
+
+def smoothed_ce(logits, target, eps=0.1):
+    """Cross-entropy with label smoothing, written out: (1 - eps) * NLL + eps * mean over classes of -log p."""
+    logp = logits.log_softmax(-1)
+    return ((1 - eps) * -logp[torch.arange(len(target)), target] - eps * logp.mean(-1)).mean()
+
+
+def test_itc_with_random_features_is_log_b():
+    g = torch.Generator().manual_seed(0)
+    for B in (8, 64):
+        img = F.normalize(torch.randn(B, 5, 4096, generator=g), dim=-1)
+        txt = F.normalize(torch.randn(B, 4096, generator=g), dim=-1)
+        loss, _, _ = itc_loss(img, txt, torch.tensor(1.0))
+        assert abs(loss.item() - math.log(B)) < 0.05 * math.log(B)
+
+
+def test_hard_negatives_never_pick_the_positive():
+    g = torch.Generator().manual_seed(0)
+    B, G = 6, 3
+    for rank in range(G):
+        sim = torch.randn(B, G * B, generator=g)
+        sim[torch.arange(B), torch.arange(B) + rank * B] = 50.0  # the positive is by far the most similar
+        for _ in range(200):
+            picked = hard_negatives(sim, rank, g)
+            assert not (picked == torch.arange(B) + rank * B).any()
+    # and they follow the similarities: a much more similar negative is picked far more often
+    sim = torch.zeros(1, 4)
+    sim[0, 2] = 5.0
+    counts = torch.bincount(torch.cat([hard_negatives(sim, 0, g) for _ in range(500)]), minlength=4)
+    assert counts[0] == 0 and counts[2] > 400
+
+
+def test_losses_equal_direct_recomputation():
+    model = tiny_model().train()
+    px, ids, mask = batch()
+    B, Q = 4, 5
+    out = model(px, ids, mask, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        image = model.ln_vision(model.vit(px))
+        q_out, _ = model.qformer(query_embeds=model.query_tokens.expand(B, -1, -1), image=image)
+        img = F.normalize(model.vision_proj(q_out), dim=-1)
+        t_out, _ = model.qformer(input_ids=ids, mask=qf.text_mask(mask))
+        txt = F.normalize(model.text_proj(t_out[:, 0]), dim=-1)
+        # ITC, by loops: the best query of each image for each text
+        sim = torch.tensor([[max(img[i, q] @ txt[t] for q in range(Q)) for t in range(B)] for i in range(B)]) / 0.07
+        itc = (smoothed_ce(sim, torch.arange(B)) + smoothed_ce(sim.T, torch.arange(B))) / 2
+        assert abs(out["loss_itc"].item() - itc.item()) < 1e-5
+        # ITM, with the negatives the same generator draws
+        g = torch.Generator().manual_seed(7)
+        neg_img, neg_txt = hard_negatives(sim.T, 0, g), hard_negatives(sim, 0, g)
+        logits = []
+        for im, tx, mk in [(i, i, i) for i in range(B)] + [(neg_img[t], t, t) for t in range(B)] + \
+                          [(i, neg_txt[i], neg_txt[i]) for i in range(B)]:
+            h, _ = model.qformer(query_embeds=model.query_tokens, input_ids=ids[tx][None], image=image[im][None],
+                                 mask=qf.bidirectional_mask(Q, mask[mk][None]))
+            logits.append(model.itm_head(h[0, :Q]).mean(0))
+        itm = F.cross_entropy(torch.stack(logits), torch.tensor([1] * B + [0] * 2 * B))
+        assert abs(out["loss_itm"].item() - itm.item()) < 1e-5
+        # ITG, as one pass over [queries; [DEC] caption] with the UniLM mask, shifted by one, padding ignored
+        dec = ids.clone()
+        dec[:, 0] = V - 1
+        h, _ = model.qformer(query_embeds=model.query_tokens.expand(B, -1, -1), input_ids=dec, image=image,
+                             mask=qf.multimodal_causal_mask(Q, mask))
+        logits = model.qformer.logits(h[:, Q:-1])
+        keep = mask[:, 1:].bool()
+        itg = smoothed_ce(logits[keep], dec[:, 1:][keep])
+        assert abs(out["loss_itg"].item() - itg.item()) < 1e-5
+    assert torch.allclose(out["loss"], out["loss_itc"] + out["loss_itm"] + out["loss_itg"])
+
+
+def test_gradients_reach_the_trainable_parts_only():
+    model = tiny_model()
+    px, ids, mask = batch()
+    model(px, ids, mask)["loss"].backward()
+    assert all(p.grad is None for p in model.vit.parameters())
+    for name in ("ln_vision.weight", "query_tokens", "temp", "itm_head.weight", "vision_proj.weight",
+                 "qformer.layers.0.cross.key.weight", "qformer.lm_head.dense.weight", "qformer.word_embeddings.weight"):
+        p = dict(model.named_parameters())[name]
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _ddp_worker(rank, world, port, result_file):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = tiny_model()
+    px, ids, mask = batch(B=4 * world, seed=1, pad=False)  # equal token counts per rank: see below
+    rows = slice(rank * 4, (rank + 1) * 4)
+    out = model(px[rows], ids[rows], mask[rows])
+    (out["loss_itc"] + out["loss_itg"]).backward()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)  # what DDP does: the mean over ranks
+            p.grad /= world
+    losses = torch.stack([out["loss_itc"].detach(), out["loss_itg"].detach()])
+    dist.all_reduce(losses)
+    if rank == 0:
+        torch.save({"losses": losses / world, "grads": {n: p.grad for n, p in model.named_parameters()
+                                                          if p.grad is not None}}, result_file)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    model = tiny_model()
+    # ITG is a mean over tokens: the mean of the ranks' means is the global mean only for equal token counts
+    px, ids, mask = batch(B=8, seed=1, pad=False)
+    out = model(px, ids, mask)
+    (out["loss_itc"] + out["loss_itg"]).backward()
+    loss_diff = (torch.stack([out["loss_itc"], out["loss_itg"]]).detach() - ddp["losses"]).abs().max().item()
+    grad_diff = max((p.grad - ddp["grads"][n]).abs().max().item() for n, p in model.named_parameters()
+                    if p.grad is not None)
+    print(f"DDP (2 ranks x 4) vs 1 process x 8: loss diff {loss_diff:.2e}, max grad diff {grad_diff:.2e}")
+    assert set(ddp["grads"]) == {n for n, p in model.named_parameters() if p.grad is not None}
+    assert loss_diff < 1e-5 and grad_diff < 1e-5
