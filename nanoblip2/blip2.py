@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 import warnings
 
+from tqdm import tqdm
+
 from safetensors import safe_open
 
 from . import opt as op
@@ -40,6 +42,10 @@ class Stage1Config:
     ln_vision_eps: float = 1e-5
     dec_id: int = 30522           # [DEC], the ITG start token: BERT's vocabulary size
     pad_id: int = 0               # [PAD]
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**(d | dict(vit=vt.ViTConfig(**d["vit"]), qformer=qf.QFormerConfig(**d["qformer"]))))
 
 
 class Blip2Stage1(nn.Module):
@@ -80,7 +86,7 @@ class Blip2Stage1(nn.Module):
     def forward(self, pixel_values, input_ids, attention_mask, generator=None):
         """pixel_values (B, 3, S, S); input_ids (B, T) = [CLS] caption [SEP], padded; generator: for the ITM negatives.
         Returns a dict with loss = loss_itc + loss_itm + loss_itg (equal weights, as LAVIS)."""
-        B, rank = pixel_values.size(0), _rank()
+        B = pixel_values.size(0)
         image = self.image_embeds(pixel_values)                             # (B, N, Cv); no graph if the ViT is frozen
         Q = self.query_tokens.expand(B, -1, -1)
         q_out, past = self.qformer(query_embeds=Q, image=image)             # the queries' K/V are reused by ITG
@@ -93,8 +99,8 @@ class Blip2Stage1(nn.Module):
 
         # ITM: every pair once positive, then a hard negative image for each text and a hard negative text for
         # each image, drawn from the softmax of the ITC similarities with the positives masked out
-        neg_img = hard_negatives(sim_t2i, rank, generator)                  # (B,) indices into all ranks' images
-        neg_txt = hard_negatives(sim_i2t, rank, generator)
+        neg_img = hard_negatives(sim_t2i, _rows()[0], generator)            # (B,) indices into all ranks' images
+        neg_txt = hard_negatives(sim_i2t, _rows()[0], generator)
         image_all = _gather(image)                                          # ViT features of all ranks
         ids_all, mask_all = _gather(input_ids, grad=False), _gather(attention_mask, grad=False)
         images = torch.cat([image, image_all[neg_img], image])
@@ -127,12 +133,47 @@ class Blip2Stage1(nn.Module):
         txt = self.text_feat(input_ids, attention_mask)          # (Bt, D)
         return torch.einsum("iqd,td->iqt", img, txt).amax(dim=1)
 
+    @torch.no_grad()
+    def retrieval_scores(self, pixels, input_ids, attention_mask, k_test=128, batch_size=32, progress=True):
+        """Image-text retrieval as LAVIS evaluates it (SPEC §5). pixels (N_img, 3, S, S) or a list of them; texts
+        tokenised to a fixed length (LAVIS: 35). Every pair gets its ITC cosine; the k_test best texts of each image
+        (and images of each text) are re-ranked by ITM: score = ITM positive logit + ITC cosine, the rest -100.
+        Returns scores_i2t (N_img, N_txt) and scores_t2i (N_txt, N_img)."""
+        dev = self.query_tokens.device
+        dtype = self.query_tokens.dtype
+        batches = lambda n: tqdm(range(0, n, batch_size), disable=not progress, leave=False)
+        txt = torch.cat([self.text_feat(input_ids[i:i + batch_size].to(dev), attention_mask[i:i + batch_size].to(dev))
+                         for i in batches(len(input_ids))])
+        vit, img = [], []
+        for i in batches(len(pixels)):
+            px = torch.stack(list(pixels[i:i + batch_size])).to(dev, dtype)
+            vit.append(self.image_embeds(px).cpu())  # kept on the CPU, as LAVIS
+            img.append(self.image_feats(vit[-1].to(dev)))
+        vit, img = torch.cat(vit), torch.cat(img)
+        sims = torch.einsum("iqd,td->iqt", img, txt).amax(dim=1).float()  # (N_img, N_txt) raw cosine
+        i2t, t2i = torch.full_like(sims, -100.0), torch.full_like(sims.T, -100.0)
+        ids, mask = input_ids.to(dev), attention_mask.to(dev)
+        for i in tqdm(range(sims.size(0)), desc="ITM i2t", disable=not progress, leave=False):
+            top, idx = sims[i].topk(min(k_test, sims.size(1)))
+            itm = self.itm_from_embeds(vit[i:i + 1].to(dev).expand(len(idx), -1, -1), ids[idx], mask[idx])
+            i2t[i, idx] = itm[:, 1].float() + top
+        for t in tqdm(range(sims.size(1)), desc="ITM t2i", disable=not progress, leave=False):
+            top, idx = sims[:, t].topk(min(k_test, sims.size(0)))
+            itm = self.itm_from_embeds(vit[idx.cpu()].to(dev), ids[t:t + 1].expand(len(idx), -1),
+                                       mask[t:t + 1].expand(len(idx), -1))
+            t2i[t, idx] = itm[:, 1].float() + top
+        return i2t, t2i
+
     # --- loading ----------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, src, image_size=None, device="cpu", dtype=None):
-        """From an HF `Blip2ForImageTextRetrieval` folder (e.g. Salesforce/blip2-itm-vit-g)."""
+        """From an HF `Blip2ForImageTextRetrieval` folder (e.g. Salesforce/blip2-itm-vit-g) or one of our own
+        stage-1 checkpoints."""
+        src = resolve(src)
         d = read_config(src)
+        if d.get("nanoblip2") == "stage1":
+            return cls._from_checkpoint(src, d, device, dtype)
         if d.get("model_type") != "blip-2" or not d["qformer_config"].get("use_qformer_text_input"):
             raise CheckpointError(f"{src}: not a BLIP-2 image-text retrieval checkpoint "
                                   f"(model_type={d.get('model_type')!r}); stage-2 folders load with Blip2")
@@ -152,9 +193,22 @@ class Blip2Stage1(nn.Module):
         return model.eval()
 
     @classmethod
+    def _from_checkpoint(cls, folder, d, device="cpu", dtype=None):
+        """Our folder: the trainable tensors from model.safetensors, a frozen ViT from the source config.json names."""
+        cfg = Stage1Config.from_dict(d["model"])
+        model = build_empty(cls, cfg, device, dtype)
+        vit_src = d.get("frozen", {}).get("vit")
+        if vit_src:
+            load_weights(model.vit, resolve(vit_src), **vt.hf_keys(cfg.vit))
+        table = {k: k for k in model.state_dict() if not (vit_src and k.startswith("vit."))}
+        load_weights(model, folder, table, fresh=["vit.*"] if vit_src else [])
+        return model.eval()
+
+    @classmethod
     def from_vit_bert(cls, vit_src, bert_src, num_query_tokens=32, cross_attention_freq=2, image_size=None,
                       device="cpu"):
         """For training from scratch: the ViT of a BLIP-2 or CLIP folder, and a Q-Former initialised from BERT."""
+        vit_src, bert_src = resolve(vit_src), resolve(bert_src)
         vcfg = vt.ViTConfig.from_hf(read_config(vit_src), image_size)
         qcfg = qf.QFormerConfig.from_hf_bert(read_config(bert_src), vcfg.width, num_query_tokens, cross_attention_freq)
         model = build_empty(cls, Stage1Config(vit=vcfg, qformer=qcfg, dec_id=qcfg.vocab_size - 1), device)
@@ -180,48 +234,61 @@ def itc_loss(img_feats, txt_feat, temp):
     img_all, txt_all = _gather(img_feats), _gather(txt_feat)                          # (G*B, Q, D), (G*B, D)
     sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B)
     sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B)
-    targets = torch.arange(img_feats.size(0), device=sim_i2t.device) + _rank() * img_feats.size(0)
+    targets = torch.arange(img_feats.size(0), device=sim_i2t.device) + _rows()[0]
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) +
             F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
     return loss, sim_i2t, sim_t2i
 
 
-def hard_negatives(sim, rank, generator=None):
-    """sim (B, G*B): temp-scaled ITC similarities of this rank's rows against all columns. One index per row,
-    drawn with probability softmax(sim) after the row's own positive (column rank*B + row) is masked out."""
+def hard_negatives(sim, offset, generator=None):
+    """sim (B, N): temp-scaled ITC similarities of this rank's rows against all ranks' columns. One index per row,
+    drawn with probability softmax(sim) after the row's own positive (column offset + row) is masked out."""
     with torch.no_grad():
         B = sim.size(0)
         w = sim.float().clone()
-        w[torch.arange(B), torch.arange(B) + rank * B] = -10000.0  # exp(-10000) is exactly 0 in fp32
+        w[torch.arange(B), torch.arange(B) + offset] = -10000.0  # exp(-10000) is exactly 0 in fp32
         return torch.multinomial(w.softmax(dim=1), 1, generator=generator).squeeze(1)
 
 
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rows():
+    """(this rank's first row, all rows) in the batch gathered over ranks; ranks may differ in size when
+    unreadable images were dropped from a batch."""
+    return (_GatherWithGrad.offset, _GatherWithGrad.total) if _distributed() else (0, None)
 
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for the gathered tensor and keeps this rank's rows
     (LAVIS GatherLayer). torch.distributed.nn's all_gather gives wrong gradients on gloo for a gradient that
     arrives non-contiguous, as einsum's do (torch 2.13)."""
+    offset, total = 0, None
 
     @staticmethod
     def forward(ctx, t):
-        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, t.contiguous())
-        return torch.cat(out)
+        sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor([t.size(0)], device=t.device))
+        sizes = [int(n) for n in sizes]
+        padded = t.new_zeros(max(sizes), *t.shape[1:])
+        padded[:t.size(0)] = t
+        out = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(out, padded)
+        ctx.start = _GatherWithGrad.offset = sum(sizes[:dist.get_rank()])
+        ctx.size, _GatherWithGrad.total = t.size(0), sum(sizes)
+        return torch.cat([o[:n] for o, n in zip(out, sizes)])
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        B = grad.size(0) // dist.get_world_size()
-        return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
+        return grad[ctx.start:ctx.start + ctx.size]
 
 
 def _gather(t, grad=True):
     """Concatenate `t` over all ranks along dim 0; with grad, gradients flow back to the rank that owns each row."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return t
     if grad:
         return _GatherWithGrad.apply(t)

@@ -1,5 +1,6 @@
 """
-Data: the image transform (caption datasets and collate to come).
+Data: image transforms, caption datasets, collate. SPEC §1.3 (LAVIS lavis/processors/blip_processors.py,
+lavis/datasets/datasets/coco_caption_datasets.py, retrieval_datasets.py).
 
 load_image is the BLIP-2 eval transform and matches transformers' BlipImageProcessor (PIL backend,
 image_processing_pil_blip.py + image_transforms.py) bit for bit:
@@ -20,9 +21,37 @@ Notable details:
 - Any failure to read a file raises one ImageError that names the file, with no PIL traceback chained.
   Pillow decodes lazily, so .load() runs inside the try, or a truncated JPEG would only fail later.
   Images over Pillow's decompression bomb limit (2 * Image.MAX_IMAGE_PIXELS) are refused.
+
+train_transform is LAVIS's `blip2_image_train`, the paper's stage-1/2 augmentation:
+    RandomResizedCrop(size, scale=(0.5, 1), ratio=(3/4, 4/3), bicubic) -> RandomHorizontalFlip -> ToTensor -> Normalize
+- No torchvision: the crop box is drawn exactly as torchvision's RandomResizedCrop.get_params draws it (10 tries
+  with a log-uniform aspect ratio, then the largest centred crop), with the same torch random calls in the same
+  order, flip last (checked against torchvision's source, not run: it is not a dependency). So torch.manual_seed
+  and DataLoader's per-worker seeding make it reproducible; numpy or random would repeat across forked workers.
+- Crop, then resize, in PIL, as torchvision does on PIL images. `img.resize(..., box=...)` is not the same: its
+  bicubic kernel reads pixels outside the box at the edges.
+- ToTensor's float32 x / 255 equals HF's float64 x * (1/255) cast to float32 for every uint8 x, so both transforms
+  share one to_tensor.
+
+Captions: pre_caption is LAVIS's BlipCaptionProcessor.pre_caption, quirks included: only runs of 2+ whitespace
+become one space, so a lone tab or newline stays inside a caption (BERT's tokenizer reads it as a space anyway),
+and "words" for max_words are space-separated.
+- Annotations are a JSON list or JSONL of {"image": path relative to image_root, "caption": str or [str, ...]}.
+  For training each (image, caption) pair is one sample (LAVIS coco_caption train has one entry per caption);
+  for retrieval each image keeps its list (load_retrieval). data/coco/prepare.py writes these files.
+- A bad image makes __getitem__ return None with a warning naming the file, and collate drops it and counts it
+  in `skipped`: one unreadable JPEG in 100M must not stop a run. A bad annotation file stops it at once.
+- collate pads to the longest caption in the batch, not to max_length as LAVIS does: padded positions are
+  masked out of every loss, so the losses are the same and short batches are cheaper.
 """
 
+import functools
+import json
+import math
 import os
+import re
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,10 +113,156 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def load_image(path_or_pil, size=224):
-    """A path or PIL image -> float32 tensor (3, size, size), normalised exactly like BlipImageProcessor."""
-    img = to_rgb(open_image(path_or_pil))
-    img = img.resize((size, size), Image.Resampling.BICUBIC)  # in PIL on uint8, like HF
+def to_tensor(img):
+    """8-bit RGB PIL image -> float32 (3, H, W): rescale to [0, 1] and normalise with CLIP mean/std, as HF does."""
     x = (np.asarray(img).astype(np.float64) * (1 / 255)).astype(np.float32)  # H, W, 3
     x = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
     return torch.from_numpy(x).permute(2, 0, 1).contiguous()  # 3, H, W
+
+
+def load_image(path_or_pil, size=224):
+    """A path or PIL image -> float32 tensor (3, size, size), normalised exactly like BlipImageProcessor."""
+    img = to_rgb(open_image(path_or_pil))
+    return to_tensor(img.resize((size, size), Image.Resampling.BICUBIC))  # in PIL on uint8, like HF
+
+
+def eval_transform(size=224):
+    """PIL image -> (3, size, size): load_image as a picklable callable (LAVIS blip_image_eval)."""
+    return functools.partial(load_image, size=size)
+
+
+def random_resized_crop(height, width, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, same random draws: -> (top, left, h, w) of the crop box."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio)).tolist()  # float32 logs, as torchvision
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,)).item()
+            left = torch.randint(0, width - w + 1, size=(1,)).item()
+            return top, left, h, w
+    # fallback: the largest centred crop whose aspect ratio is in range
+    if width / height < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _train(img, size, scale, ratio):
+    img = to_rgb(img)
+    top, left, h, w = random_resized_crop(img.height, img.width, scale, ratio)
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
+    if torch.rand(1) < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(img)
+
+
+def train_transform(size=224, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """PIL image -> (3, size, size): random resized crop + horizontal flip + normalise (LAVIS blip2_image_train)."""
+    return functools.partial(_train, size=size, scale=scale, ratio=ratio)
+
+# -----------------------------------------------------------------------------
+# captions
+
+def pre_caption(text, max_words=50):
+    """LAVIS pre_caption: lowercase, punctuation .!"()*#:;~ -> space, squeeze spaces, strip, at most max_words words."""
+    text = re.sub(r'[.!"()*#:;~]', " ", text.lower())
+    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
+
+
+def read_annotations(ann_file):
+    """A JSON list or a JSONL file of {"image", "caption", ...} -> list of dicts. Errors name the file and line."""
+    path = Path(ann_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM is skipped
+    if text.lstrip().startswith("["):  # JSON: one list, errors name the item
+        try:
+            items = [(f"{path}[{k}]", e) for k, e in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+    else:  # JSONL: one object per line, blank lines skipped; split on \n only, a JSON string may hold U+2028
+        items = []
+        for n, line in enumerate(text.split("\n"), 1):
+            try:
+                items += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: bad JSON ({e.msg})") from None
+    for where, e in items:
+        caption = e.get("caption") if isinstance(e, dict) else None
+        if not (isinstance(e, dict) and isinstance(e.get("image"), str) and (isinstance(caption, str) or (
+                isinstance(caption, list) and all(isinstance(c, str) for c in caption)))):
+            got = f"keys {sorted(e)}" if isinstance(e, dict) else type(e).__name__
+            hint = " (a Karpathy file? convert it with data/coco/prepare.py)" if "'images'" in got else ""
+            raise ValueError(f'{where}: want {{"image": str, "caption": str or [str, ...]}}, got {got}{hint}')
+    return [e for _, e in items]
+
+
+def _image_root(image_root):
+    root = Path(image_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    return root
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """One sample per (image, caption) pair: (pixels (3, S, S), prompt + pre_caption(caption), index), or None if
+    the image cannot be read. With `seed` set, the random augmentation of a sample depends only on (seed, epoch,
+    index), not on which worker loads it or when: a resumed run sees exactly the images it would have seen."""
+
+    def __init__(self, ann_file, image_root, transform, max_words=50, prompt="", seed=None):
+        self.seed, self.epoch = seed, 0
+        self.image_root = _image_root(image_root)
+        self.transform, self.max_words, self.prompt = transform, max_words, prompt
+        self.samples = [(e["image"], c) for e in read_annotations(ann_file)  # (image, caption) pairs
+                        for c in ([e["caption"]] if isinstance(e["caption"], str) else e["caption"])]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        if self.seed is None:
+            return self._load(index)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+            return self._load(index)
+
+    def _load(self, index):
+        image, caption = self.samples[index]
+        try:
+            pixels = self.transform(open_image(self.image_root / image))
+        except ImageError as e:
+            warnings.warn(f"skipped: {e}", stacklevel=2)
+            return None
+        return pixels, self.prompt + pre_caption(caption, self.max_words), index
+
+
+def collate(batch, tokenizer, max_length=32, padding="longest"):
+    """CaptionDataset samples -> dict of batched tensors, the None (unreadable) samples dropped and counted.
+    Use as DataLoader(collate_fn=functools.partial(collate, tokenizer=tok)). If every sample was bad, B = 0."""
+    kept = [s for s in batch if s is not None]
+    input_ids, attention_mask = tokenizer([s[1] for s in kept], max_length=max_length, padding=padding)
+    return dict(pixel_values=torch.stack([s[0] for s in kept]) if kept else torch.empty(0, 3, 0, 0),  # B, 3, S, S
+                input_ids=input_ids, attention_mask=attention_mask,  # B, T
+                index=torch.tensor([s[2] for s in kept], dtype=torch.long), skipped=len(batch) - len(kept))
+
+
+def load_retrieval(ann_file, image_root, max_words=50):
+    """The retrieval eval layout (LAVIS RetrievalEvalDataset), one annotation entry per image with its captions:
+    -> images (paths), texts (cleaned captions), img2txt (text indices per image), txt2img (image index per text)."""
+    root = _image_root(image_root)
+    images, texts, img2txt, txt2img = [], [], [], []
+    for i, e in enumerate(read_annotations(ann_file)):
+        captions = [e["caption"]] if isinstance(e["caption"], str) else e["caption"]
+        images.append(str(root / e["image"]))
+        img2txt.append(list(range(len(texts), len(texts) + len(captions))))
+        txt2img += [i] * len(captions)
+        texts += [pre_caption(c, max_words) for c in captions]
+    return images, texts, img2txt, txt2img

@@ -20,6 +20,7 @@ import fnmatch
 import json
 import os
 import re
+import shutil
 import time
 
 import torch
@@ -61,6 +62,8 @@ def _template_regex(template):
 
 def _resolve(table, key):
     """Our key -> (fn or None, [HF keys]) using the first matching template, or None if no template matches."""
+    if isinstance(table.get(key), str):
+        return None, [table[key]]
     for ours, src in table.items():
         m = _template_regex(ours).match(key)
         if m:
@@ -251,3 +254,36 @@ def resolve(src, revision="main"):
         with open(ref, "w") as f:
             f.write(commit)
     return snapshot
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Our own checkpoints (SPEC §10): a folder with config.json (model + training config, and the sources of the
+# frozen parts), model.safetensors (the trainable tensors only), meta.json (step, metrics) and optim.pt.
+
+
+def save_checkpoint(folder, tensors, config, meta, optim_state=None):
+    """Write the folder atomically: into `folder.tmp`, then swapped in, so that a crash never loses the last one."""
+    from safetensors.torch import save_file
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt"})
+    for name, obj in (("config.json", config), ("meta.json", meta)):
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    if optim_state is not None:
+        torch.save(optim_state, os.path.join(tmp, "optim.pt"))
+    if os.path.isdir(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_folder(folder):
+    """The checkpoint to resume from: `folder`, or `folder.old` if a crash came between the two renames above."""
+    for f in (folder, folder + ".old"):
+        if os.path.isfile(os.path.join(f, "model.safetensors")):
+            return f
+    raise CheckpointError(f"{folder}: no checkpoint to resume from")

@@ -60,7 +60,7 @@ def test_hard_negatives_never_pick_the_positive():
         sim = torch.randn(B, G * B, generator=g)
         sim[torch.arange(B), torch.arange(B) + rank * B] = 50.0  # the positive is by far the most similar
         for _ in range(200):
-            picked = hard_negatives(sim, rank, g)
+            picked = hard_negatives(sim, rank * B, g)
             assert not (picked == torch.arange(B) + rank * B).any()
     # and they follow the similarities: a much more similar negative is picked far more often
     sim = torch.zeros(1, 4)

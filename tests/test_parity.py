@@ -100,3 +100,22 @@ def test_sharded_checkpoint(itm_folder, tmp_path):
     px, (ids, mask) = pixels(B=3), text_batch(99)
     ref = hf(pixel_values=px, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True)
     close(ours.itm_logits(px, ids, mask), ref.logits_per_image, "ITM logits (sharded)")
+
+
+@torch.no_grad()
+def test_retrieval_scores_rerank_the_top_k(itm_folder):
+    folder, hf = itm_folder
+    ours = Blip2Stage1.from_pretrained(folder)
+    px, (ids, mask) = pixels(B=3, seed=3), text_batch(99, B=4, T=6, seed=3)
+    i2t, t2i = ours.retrieval_scores(px, ids, mask, k_test=2, progress=False)
+    itc = ours.itc_similarity(px, ids, mask)
+    for i in range(3):
+        top = itc[i].topk(2).indices
+        for t in range(4):
+            if t in top:  # ITM positive logit of the pair + its cosine
+                itm = hf(pixel_values=px[i:i + 1], input_ids=ids[t:t + 1], attention_mask=mask[t:t + 1],
+                         use_image_text_matching_head=True).logits_per_image[0, 1]
+                assert abs(i2t[i, t] - (itm + itc[i, t])) < 1e-5
+            else:
+                assert i2t[i, t] == -100
+    assert ((t2i > -100).sum(dim=1) == 2).all() and torch.allclose(t2i.max(1).values, t2i.T.max(0).values)
