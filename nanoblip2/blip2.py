@@ -10,19 +10,16 @@ Notable details
 - ITM logits are the 2-way head averaged over the 32 query outputs of a bidirectional [queries; text] pass.
 - HF retrieval checkpoints have no ITG head, so a model loaded from one has `qformer.lm_head = None`.
 """
-import os
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-import warnings
-
-from tqdm import tqdm
-
 from safetensors import safe_open
+from tqdm import tqdm
 
 from . import opt as op
 from . import qformer as qf
@@ -226,6 +223,37 @@ class Blip2Stage1(nn.Module):
         return model
 
 
+def opt_batch(tokenizer, captions, prompt="", max_length=32, num_queries=32):
+    """OPT training text (LAVIS blip2_opt.py): BOS + prompt + " " + caption + "\n", right-padded. labels (B, Q + T) are
+    -100 on the queries, on BOS + prompt when a prompt is set (with no prompt LAVIS trains the last query to predict
+    BOS), and on padding: the loss is on the caption and its "\n"."""
+    ids, mask = tokenizer([f"{prompt} {c}\n" if prompt else c + "\n" for c in captions], max_length=max_length)
+    labels = ids.masked_fill(mask == 0, -100)
+    if prompt:
+        labels[:, :len(tokenizer([prompt], truncation=False)[0][0])] = -100  # BOS + prompt tokens
+    labels = torch.cat([torch.full((len(captions), num_queries), -100), labels], dim=1)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def prefix_split(caption, generator=None):
+    """FlanT5 pre-training's prefix LM (LAVIS #139): split at a word boundary k drawn from [1, n // 2]; the prefix goes
+    to the encoder, the rest is the target. A caption of one word is all target."""
+    words = caption.split()
+    if len(words) < 2:
+        return "", caption
+    k = int(torch.randint(1, len(words) // 2 + 1, (1,), generator=generator))
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+def t5_batch(tokenizer, captions, prompt=None, max_length=32, generator=None):
+    """FlanT5 training text: with a fixed prompt (captioning) the encoder reads the prompt and the target is the whole
+    caption; without, each caption is split into prefix and suffix. Both sides end with </s>; padding -> -100."""
+    pairs = [(prompt, c) if prompt is not None else prefix_split(c, generator) for c in captions]
+    ids, mask = tokenizer([p for p, _ in pairs], max_length=max_length)
+    out, out_mask = tokenizer([s for _, s in pairs], max_length=max_length)
+    return dict(input_ids=ids, attention_mask=mask, labels=out.masked_fill(out_mask == 0, -100))
+
+
 def itc_loss(img_feats, txt_feat, temp):
     """Image-text contrastive loss. img_feats (B, Q, D) and txt_feat (B, D) normalised, this rank's rows.
     Each image is scored against every text of every rank and back; a pair's score is its best query.
@@ -342,6 +370,28 @@ class Blip2(nn.Module):
         h, _ = self.qformer(query_embeds=Q, image=image)
         return self.language_projection(h)
 
+    # --- training: generative learning (§3.3, LAVIS blip2_opt.py / blip2_t5.py forward) -----------------------
+
+    def forward(self, pixel_values, batch):
+        """pixel_values (B, 3, S, S); batch from `opt_batch` or `t5_batch`. Returns dict(loss=...), the language
+        modelling loss of the caption given the soft visual prompt. The frozen LLM passes gradients through."""
+        prompt = self.visual_prompt(pixel_values)                                      # (B, Q, C)
+        B, Q = prompt.shape[:2]
+        if self.is_t5:  # prefix LM: [queries; prefix </s>] -> suffix </s>
+            embeds = torch.cat([prompt, self.lm.embed(batch["input_ids"]).to(prompt.dtype)], dim=1)
+            mask = torch.cat([batch["attention_mask"].new_ones(B, Q), batch["attention_mask"]], dim=1)
+            enc = self.lm.encode(inputs_embeds=embeds, attention_mask=mask)
+            labels = batch["labels"]
+            dec_in = torch.cat([labels.new_full((B, 1), self.cfg.lm.decoder_start_id), labels[:, :-1]], dim=1)
+            logits, _ = self.lm.decode(dec_in.masked_fill(dec_in == -100, self.cfg.lm.pad_id), enc, mask)
+            return dict(loss=F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
+        embeds = torch.cat([prompt, self.lm.embed(batch["input_ids"]).to(prompt.dtype)], dim=1)   # (B, Q + T, C)
+        mask = torch.cat([batch["attention_mask"].new_ones(B, Q), batch["attention_mask"]], dim=1)
+        logits, _ = self.lm(inputs_embeds=embeds, attention_mask=mask)
+        labels = batch["labels"]                                                       # (B, Q + T), -100 on queries
+        return dict(loss=F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                         ignore_index=-100))
+
     @torch.no_grad()
     def generate(self, pixel_values, input_ids=None, attention_mask=None, *, max_new_tokens=30, min_new_tokens=0,
                  num_beams=1, length_penalty=1.0, repetition_penalty=1.0, do_sample=False, temperature=1.0,
@@ -442,6 +492,39 @@ class Blip2(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out)]
 
     # --- loading --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_stage1(cls, stage1, lm_src, device="cpu", dtype=None):
+        """Stage 2's starting point (LAVIS pretrain_stage2.yaml): the ViT, ln_vision, query tokens and Q-Former of a
+        stage-1 model (our checkpoint folder, or a Blip2Stage1) without the text branch, a new language_projection,
+        and a frozen OPT or T5 from an HF folder or Hub id."""
+        s1 = stage1 if isinstance(stage1, Blip2Stage1) else Blip2Stage1.from_pretrained(stage1, device=device)
+        lm_src = resolve(lm_src)
+        d = read_config(lm_src)
+        kind = d.get("model_type")
+        if kind not in ("opt", "t5"):
+            raise CheckpointError(f"{lm_src}: model_type {kind!r}; the language model must be OPT or T5")
+        try:
+            tok = (load_t5_tokenizer if kind == "t5" else load_opt_tokenizer)(lm_src)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{lm_src}: tokenizer files missing ({e})") from None
+        lm_cfg = t5m.T5Config.from_hf(d) if kind == "t5" else op.OPTConfig.from_hf(d)
+        qcfg = dataclasses.replace(s1.cfg.qformer, text=False, lm_head=False)
+        cfg = Blip2Config(vit=s1.cfg.vit, qformer=qcfg, lm=lm_cfg, ln_vision_eps=s1.cfg.ln_vision_eps)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.lm = (t5m.T5 if kind == "t5" else op.OPT).from_pretrained(lm_src, device=device, dtype=dtype)
+        model.language_projection = nn.Linear(qcfg.width, model.language_projection.out_features, device=device)
+        model.vit, model.ln_vision, model.query_tokens = s1.vit, s1.ln_vision, s1.query_tokens
+        model.qformer = qf.QFormer(qcfg).to(device)
+        missing, unexpected = model.qformer.load_state_dict(s1.qformer.state_dict(), strict=False)
+        text_branch = ("word_embeddings.", "position_embeddings.", "lm_head.", ".ffn_text.")
+        if missing or not all(any(part in k for part in text_branch) for k in unexpected):
+            raise CheckpointError(f"stage-1 Q-Former does not fit: missing {missing}, unexpected {unexpected}")
+        model.tokenizer = tok
+        model.end_id = cfg.lm.eos_id if kind == "t5" else tok.newline_id
+        model.stage1_source = stage1 if isinstance(stage1, str) else None
+        return model.to(dtype) if dtype is not None else model
 
     @classmethod
     def from_pretrained(cls, src, device="cpu", dtype=None, image_size=None):
