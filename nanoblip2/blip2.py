@@ -340,6 +340,15 @@ class Blip2Config:
     ln_vision_eps: float = 1e-5
     image_token_index: int | None = None  # HF >= 2024 folders mark the query slots with this token; we need no slots
 
+    @classmethod
+    def from_dict(cls, d):
+        lm = (t5m.T5Config if d["lm_kind"] == "t5" else op.OPTConfig)(**d["lm"])
+        return cls(vit=vt.ViTConfig(**d["vit"]), qformer=qf.QFormerConfig(**d["qformer"]), lm=lm,
+                   ln_vision_eps=d["ln_vision_eps"], image_token_index=d.get("image_token_index"))
+
+    def to_dict(self):
+        return dataclasses.asdict(self) | {"lm_kind": "t5" if isinstance(self.lm, t5m.T5Config) else "opt"}
+
 
 class Blip2(nn.Module):
     """
@@ -494,6 +503,31 @@ class Blip2(nn.Module):
     # --- loading --------------------------------------------------------------------------------------------
 
     @classmethod
+    def _from_checkpoint(cls, folder, d, device="cpu", dtype=None):
+        """Our folder: the trained tensors from model.safetensors; the frozen ViT and LLM from the sources named in
+        config.json."""
+        cfg = Blip2Config.from_dict(d["model"])
+        if isinstance(cfg.lm, t5m.T5Config) and dtype == torch.float16:
+            raise ValueError("FlanT5 overflows in float16; use bfloat16 or float32")
+        model = build_empty(cls, cfg, device, dtype)
+        vit_src, lm_src = d["frozen"].get("vit"), resolve(d["frozen"]["lm"])
+        if vit_src:
+            load_weights(model.vit, resolve(vit_src), **vt.hf_keys(cfg.vit))
+        model.lm = (t5m.T5 if model.is_t5 else op.OPT).from_pretrained(lm_src, device=device, dtype=dtype)
+        skip = ("lm.", "vit.") if vit_src else ("lm.",)
+        load_weights(model, folder, {k: k for k in model.state_dict() if not k.startswith(skip)},
+                     fresh=[p + "*" for p in skip])
+        model._set_tokenizer(lm_src)
+        return model.eval()
+
+    def _set_tokenizer(self, folder):
+        try:
+            self.tokenizer = (load_t5_tokenizer if self.is_t5 else load_opt_tokenizer)(folder)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{folder}: tokenizer files missing ({e})") from None
+        self.end_id = self.cfg.lm.eos_id if self.is_t5 else self.tokenizer.newline_id
+
+    @classmethod
     def from_stage1(cls, stage1, lm_src, device="cpu", dtype=None):
         """Stage 2's starting point (LAVIS pretrain_stage2.yaml): the ViT, ln_vision, query tokens and Q-Former of a
         stage-1 model (our checkpoint folder, or a Blip2Stage1) without the text branch, a new language_projection,
@@ -504,10 +538,6 @@ class Blip2(nn.Module):
         kind = d.get("model_type")
         if kind not in ("opt", "t5"):
             raise CheckpointError(f"{lm_src}: model_type {kind!r}; the language model must be OPT or T5")
-        try:
-            tok = (load_t5_tokenizer if kind == "t5" else load_opt_tokenizer)(lm_src)
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{lm_src}: tokenizer files missing ({e})") from None
         lm_cfg = t5m.T5Config.from_hf(d) if kind == "t5" else op.OPTConfig.from_hf(d)
         qcfg = dataclasses.replace(s1.cfg.qformer, text=False, lm_head=False)
         cfg = Blip2Config(vit=s1.cfg.vit, qformer=qcfg, lm=lm_cfg, ln_vision_eps=s1.cfg.ln_vision_eps)
@@ -521,16 +551,17 @@ class Blip2(nn.Module):
         text_branch = ("word_embeddings.", "position_embeddings.", "lm_head.", ".ffn_text.")
         if missing or not all(any(part in k for part in text_branch) for k in unexpected):
             raise CheckpointError(f"stage-1 Q-Former does not fit: missing {missing}, unexpected {unexpected}")
-        model.tokenizer = tok
-        model.end_id = cfg.lm.eos_id if kind == "t5" else tok.newline_id
-        model.stage1_source = stage1 if isinstance(stage1, str) else None
+        model._set_tokenizer(lm_src)
         return model.to(dtype) if dtype is not None else model
 
     @classmethod
     def from_pretrained(cls, src, device="cpu", dtype=None, image_size=None):
-        """From an HF BLIP-2 folder (Blip2ForConditionalGeneration, original or 2024 layout) or a Hub id."""
+        """From an HF BLIP-2 folder (Blip2ForConditionalGeneration, original or 2024 layout), a Hub id, or one of our
+        own stage-2 checkpoints."""
         folder = resolve(src)
         d = read_config(folder)
+        if d.get("nanoblip2") == "stage2":
+            return cls._from_checkpoint(folder, d, device, dtype)
         if d.get("model_type") != "blip-2":
             raise CheckpointError(f"{folder}: model_type {d.get('model_type')!r}, not a BLIP-2 folder")
         kind = (d.get("text_config") or {}).get("model_type", "opt")
@@ -538,15 +569,12 @@ class Blip2(nn.Module):
             raise CheckpointError(f"{folder}: language model {kind!r} is not supported (OPT or T5 only)")
         if kind == "t5" and dtype == torch.float16:
             raise ValueError("FlanT5 overflows in float16; use bfloat16 or float32")
-        try:
-            tok = (load_t5_tokenizer if kind == "t5" else load_opt_tokenizer)(folder)
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{folder}: tokenizer files missing ({e})") from None
         lm_cfg = t5m.T5Config.from_hf(d) if kind == "t5" else op.OPTConfig.from_hf(d)
         cfg = Blip2Config(vit=vt.ViTConfig.from_hf(d, image_size), qformer=qf.QFormerConfig.from_hf_blip2(d), lm=lm_cfg,
                           ln_vision_eps=d.get("vision_config", {}).get("layer_norm_eps", 1e-6),
                           image_token_index=d.get("image_token_index"))
         model = build_empty(cls, cfg, device, dtype)
+        model._set_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
         table = {"vit." + k: v for k, v in vt.hf_keys(cfg.vit)["table"].items()}
         table |= {"qformer." + k: v for k, v in qf.hf_table(cfg.qformer).items()}
         table |= {"query_tokens": "query_tokens", "ln_vision.weight": "vision_model.post_layernorm.weight",
@@ -562,6 +590,4 @@ class Blip2(nn.Module):
             table |= lm["table"]
         ignore = [p for p in lm["ignore"] if p.startswith("language_model.")]
         load_weights(model, folder, table, ignore=ignore, canon=lm.get("canon"))
-        model.tokenizer = tok
-        model.end_id = cfg.lm.eos_id if kind == "t5" else tok.newline_id
         return model.eval()

@@ -244,14 +244,17 @@ class CaptionDataset(torch.utils.data.Dataset):
         return pixels, self.prompt + pre_caption(caption, self.max_words), index
 
 
-def collate(batch, tokenizer, max_length=32, padding="longest"):
+def collate(batch, tokenizer=None, max_length=32, padding="longest"):
     """CaptionDataset samples -> dict of batched tensors, the None (unreadable) samples dropped and counted.
-    Use as DataLoader(collate_fn=functools.partial(collate, tokenizer=tok)). If every sample was bad, B = 0."""
+    Use as DataLoader(collate_fn=functools.partial(collate, tokenizer=tok)). If every sample was bad, B = 0.
+    Without a tokenizer the captions stay text (stage 2 tokenises them for its LLM)."""
     kept = [s for s in batch if s is not None]
-    input_ids, attention_mask = tokenizer([s[1] for s in kept], max_length=max_length, padding=padding)
-    return dict(pixel_values=torch.stack([s[0] for s in kept]) if kept else torch.empty(0, 3, 0, 0),  # B, 3, S, S
-                input_ids=input_ids, attention_mask=attention_mask,  # B, T
-                index=torch.tensor([s[2] for s in kept], dtype=torch.long), skipped=len(batch) - len(kept))
+    out = dict(pixel_values=torch.stack([s[0] for s in kept]) if kept else torch.empty(0, 3, 0, 0),  # B, 3, S, S
+               captions=[s[1] for s in kept], index=torch.tensor([s[2] for s in kept], dtype=torch.long),
+               skipped=len(batch) - len(kept))
+    if tokenizer is not None:
+        out["input_ids"], out["attention_mask"] = tokenizer(out["captions"], max_length=max_length, padding=padding)
+    return out
 
 
 def load_retrieval(ann_file, image_root, max_words=50):

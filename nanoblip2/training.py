@@ -64,7 +64,7 @@ class Stream:
     """Batches forever, epoch after epoch, from (epoch, batch_in_epoch) on; counts and reports unreadable images."""
 
     def __init__(self, dataset, tokenizer, cfg, rank, world, epoch=0, batch_in_epoch=0, padding="max_length",
-                 verbose=True):
+                 verbose=True):  # tokenizer None: the captions stay text
         self.dataset, self.cfg, self.rank, self.world, self.verbose = dataset, cfg, rank, world, verbose
         # fixed-length text by default, so that every rank gathers the same shapes for ITC/ITM
         self.collate = functools.partial(collate, tokenizer=tokenizer, max_length=cfg.max_txt_len, padding=padding)
@@ -97,7 +97,7 @@ class Stream:
                 self.it = self._loader()
                 continue
             self.skipped += b["skipped"]
-            if len(b["input_ids"]):  # a batch of nothing but unreadable images is passed over
+            if len(b["index"]):  # a batch of nothing but unreadable images is passed over
                 return {k: v.to(self.cfg.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
