@@ -13,6 +13,7 @@ eval_interval steps. -h lists every option.
 import contextlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -22,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanoblip2.blip2 import Blip2Stage1
 from nanoblip2.cli import parse_args
-from nanoblip2.data import CaptionDataset, load_image, load_retrieval, train_transform
-from nanoblip2.load import checkpoint_folder, read_config, resolve, save_checkpoint
+from nanoblip2.data import AnnotationError, CaptionDataset, load_image, load_retrieval, train_transform
+from nanoblip2.load import CheckpointError, HubError, checkpoint_folder, read_config, resolve, save_checkpoint
 from nanoblip2.metrics import retrieval_recall
 from nanoblip2.tokenizer import load_bert_tokenizer
 from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, set_random_states,
@@ -180,4 +181,9 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_args(TrainConfig(), doc=__doc__))
+    cfg = parse_args(TrainConfig(), doc=__doc__)
+    try:
+        main(cfg)
+    except (AnnotationError, CheckpointError, FileNotFoundError, HubError) as e:  # bad input: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -14,6 +14,7 @@ Periodic evaluation captions val_ann (beam 5) and reports CIDEr and BLEU-4. -h l
 import contextlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -23,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanoblip2.blip2 import Blip2, Blip2Stage1, opt_batch, t5_batch
 from nanoblip2.cli import parse_args
-from nanoblip2.data import CaptionDataset, load_image, load_retrieval, train_transform
-from nanoblip2.load import checkpoint_folder, read_config, resolve, save_checkpoint
+from nanoblip2.data import AnnotationError, CaptionDataset, load_image, load_retrieval, train_transform
+from nanoblip2.load import CheckpointError, HubError, checkpoint_folder, read_config, resolve, save_checkpoint
 from nanoblip2.metrics import caption_scores
 from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, set_random_states,
                                 setup)
@@ -195,4 +196,9 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_args(TrainConfig(), doc=__doc__))
+    cfg = parse_args(TrainConfig(), doc=__doc__)
+    try:
+        main(cfg)
+    except (AnnotationError, CheckpointError, FileNotFoundError, HubError) as e:  # bad input: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -67,6 +67,10 @@ class ImageError(ValueError):
     """An image that cannot be read. The message starts with the file name."""
 
 
+class AnnotationError(ValueError):
+    """An annotation file that cannot be used. The message names the file (and line)."""
+
+
 def _reason(e, name):
     if isinstance(e, FileNotFoundError):
         return "no such file"
@@ -187,21 +191,21 @@ def read_annotations(ann_file):
         try:
             items = [(f"{path}[{k}]", e) for k, e in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+            raise AnnotationError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
     else:  # JSONL: one object per line, blank lines skipped; split on \n only, a JSON string may hold U+2028
         items = []
         for n, line in enumerate(text.split("\n"), 1):
             try:
                 items += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: bad JSON ({e.msg})") from None
+                raise AnnotationError(f"{path}:{n}: bad JSON ({e.msg})") from None
     for where, e in items:
         caption = e.get("caption") if isinstance(e, dict) else None
         if not (isinstance(e, dict) and isinstance(e.get("image"), str) and (isinstance(caption, str) or (
                 isinstance(caption, list) and all(isinstance(c, str) for c in caption)))):
             got = f"keys {sorted(e)}" if isinstance(e, dict) else type(e).__name__
             hint = " (a Karpathy file? convert it with data/coco/prepare.py)" if "'images'" in got else ""
-            raise ValueError(f'{where}: want {{"image": str, "caption": str or [str, ...]}}, got {got}{hint}')
+            raise AnnotationError(f'{where}: want {{"image": str, "caption": str or [str, ...]}}, got {got}{hint}')
     return [e for _, e in items]
 
 

@@ -79,3 +79,17 @@ def test_unknown_flag_is_an_error():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train_stage1.py"), "--batchsize=3"], capture_output=True,
                        text=True, cwd=ROOT)
     assert p.returncode != 0 and "unknown option --batchsize" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_torchrun_two_processes(data, itm_folder, tmp_path):
+    """The real script under torchrun on the CPU (gloo): two ranks train, rank 0 logs, evaluates and saves."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(ROOT, "train_stage1.py"), f"--vit={itm_folder[0]}", f"--bert={data / 'bert'}",
+            f"--train_ann={data / 'train.json'}", f"--val_ann={data / 'val.json'}", f"--image_root={data / 'images'}",
+            f"--out_dir={tmp_path}", "--image_size=28", "--batch_size=2", "--num_workers=0", "--max_steps=3",
+            "--eval_interval=3", "--log_interval=1", "--eval_k_test=4", "--eval_max_images=0"]
+    p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 process(es)" in p.stdout and len(losses(p.stdout)) == 3 and p.stdout.count("saved") == 1
+    state = __import__("torch").load(tmp_path / "ckpt" / "optim.pt", weights_only=True)
+    assert len(state["rng"]["torch"]) == 2  # each rank's random state, for an exact resume
