@@ -45,7 +45,10 @@ class Stage1Config:
         return cls(**(d | dict(vit=vt.ViTConfig(**d["vit"]), qformer=qf.QFormerConfig(**d["qformer"]))))
 
 
-class Blip2Stage1(nn.Module):
+class Querying(nn.Module):
+    """What both stages share (Figure 2, left): the frozen ViT, ln_vision, and the learned queries that read the
+    image through the Q-Former's cross-attention."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -53,6 +56,17 @@ class Blip2Stage1(nn.Module):
         self.ln_vision = nn.LayerNorm(cfg.vit.width, eps=cfg.ln_vision_eps)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.qformer.num_query_tokens, cfg.qformer.width).normal_(std=0.02))
         self.qformer = qf.QFormer(cfg.qformer)
+
+    def image_embeds(self, pixel_values):  # (B, 3, S, S) -> (B, N, Cv); no graph when the ViT is frozen
+        return self.ln_vision(self.vit(pixel_values))
+
+    def queries(self, image):  # (B, N, Cv) -> query outputs (B, Q, C) and their self-attention K/V per layer
+        return self.qformer(query_embeds=self.query_tokens.expand(image.size(0), -1, -1), image=image)
+
+
+class Blip2Stage1(Querying):
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.vision_proj = nn.Linear(cfg.qformer.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.qformer.width, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.qformer.width, 2)
@@ -60,13 +74,8 @@ class Blip2Stage1(nn.Module):
 
     # --- building blocks --------------------------------------------------------------------------------
 
-    def image_embeds(self, pixel_values):  # (B, 3, S, S) -> (B, N, Cv)
-        return self.ln_vision(self.vit(pixel_values))
-
     def image_feats(self, image):  # (B, N, Cv) -> normalised per-query features (B, Q, D)
-        Q = self.query_tokens.expand(image.size(0), -1, -1)
-        h, _ = self.qformer(query_embeds=Q, image=image)
-        return F.normalize(self.vision_proj(h), dim=-1)
+        return F.normalize(self.vision_proj(self.queries(image)[0]), dim=-1)
 
     def text_feat(self, input_ids, attention_mask):  # (B, T) -> normalised [CLS] feature (B, D)
         h, _ = self.qformer(input_ids=input_ids, mask=qf.text_mask(attention_mask))
@@ -84,9 +93,9 @@ class Blip2Stage1(nn.Module):
         """pixel_values (B, 3, S, S); input_ids (B, T) = [CLS] caption [SEP], padded; generator: for the ITM negatives.
         Returns a dict with loss = loss_itc + loss_itm + loss_itg (equal weights, as LAVIS)."""
         B = pixel_values.size(0)
-        image = self.image_embeds(pixel_values)                             # (B, N, Cv); no graph if the ViT is frozen
-        Q = self.query_tokens.expand(B, -1, -1)
-        q_out, past = self.qformer(query_embeds=Q, image=image)             # the queries' K/V are reused by ITG
+        image = self.image_embeds(pixel_values)                             # (B, N, Cv)
+        q_out, past = self.queries(image)                                   # the queries' K/V are reused by ITG
+        Q = q_out.size(1)
         img_feats = F.normalize(self.vision_proj(q_out), dim=-1)            # (B, Q, D)
         txt_feat = self.text_feat(input_ids, attention_mask)                # (B, D)
 
@@ -109,8 +118,7 @@ class Blip2Stage1(nn.Module):
         # ITG: caption the image, [CLS] -> [DEC], text sees the queries (through their cached K/V) and its past
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = self.cfg.dec_id
-        h, _ = self.qformer(input_ids=dec_ids, mask=qf.multimodal_causal_mask(Q.size(1), attention_mask)[:, Q.size(1):],
-                            past=past)
+        h, _ = self.qformer(input_ids=dec_ids, mask=qf.multimodal_causal_mask(Q, attention_mask)[:, Q:], past=past)
         logits = self.qformer.logits(h[:, :-1])
         target = dec_ids[:, 1:].masked_fill(dec_ids[:, 1:] == self.cfg.pad_id, -100)
         loss_itg = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, label_smoothing=0.1)
@@ -350,7 +358,7 @@ class Blip2Config:
         return dataclasses.asdict(self) | {"lm_kind": "t5" if isinstance(self.lm, t5m.T5Config) else "opt"}
 
 
-class Blip2(nn.Module):
+class Blip2(Querying):
     """
     Notable details
     - OPT (decoder-only): the LLM input is [queries; BOS + prompt]; the answer ends at "\\n" (LAVIS). Batched prompts
@@ -361,23 +369,15 @@ class Blip2(nn.Module):
     """
 
     def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.vit = vt.ViT(cfg.vit)
-        self.ln_vision = nn.LayerNorm(cfg.vit.width, eps=cfg.ln_vision_eps)
-        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.qformer.num_query_tokens, cfg.qformer.width).normal_(std=0.02))
-        self.qformer = qf.QFormer(cfg.qformer)
+        super().__init__(cfg)
         self.is_t5 = isinstance(cfg.lm, t5m.T5Config)
         self.lm = t5m.T5(cfg.lm) if self.is_t5 else op.OPT(cfg.lm)
         self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.d_model if self.is_t5 else cfg.lm.width)
         self.tokenizer = None  # set by from_pretrained
         self.end_id = cfg.lm.eos_id  # OPT: "\n" (LAVIS), from the tokenizer when there is one
 
-    def visual_prompt(self, pixel_values):  # (B, 3, S, S) -> (B, Q, C_lm)
-        image = self.ln_vision(self.vit(pixel_values))
-        Q = self.query_tokens.expand(image.size(0), -1, -1)
-        h, _ = self.qformer(query_embeds=Q, image=image)
-        return self.language_projection(h)
+    def visual_prompt(self, pixel_values):  # (B, 3, S, S) -> the soft visual prompt (B, Q, C_lm)
+        return self.language_projection(self.queries(self.image_embeds(pixel_values))[0])
 
     # --- training: generative learning (§3.3, LAVIS blip2_opt.py / blip2_t5.py forward) -----------------------
 
