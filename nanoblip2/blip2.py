@@ -63,6 +63,14 @@ class Querying(nn.Module):
     def queries(self, image):  # (B, N, Cv) -> query outputs (B, Q, C) and their self-attention K/V per layer
         return self.qformer(query_embeds=self.query_tokens.expand(image.size(0), -1, -1), image=image)
 
+    @staticmethod
+    def hf_table(cfg):
+        """Our keys -> HF BLIP-2 keys for this part; the subclasses add theirs. Used to load and to export."""
+        table = {"vit." + k: v for k, v in vt.hf_keys(cfg.vit)["table"].items()}
+        table |= {"qformer." + k: v for k, v in qf.hf_table(cfg.qformer).items()}
+        return table | {"query_tokens": "query_tokens", "ln_vision.weight": "vision_model.post_layernorm.weight",
+                        "ln_vision.bias": "vision_model.post_layernorm.bias"}
+
 
 class Blip2Stage1(Querying):
     def __init__(self, cfg):
@@ -171,6 +179,13 @@ class Blip2Stage1(Querying):
 
     # --- loading ----------------------------------------------------------------------------------------
 
+    @staticmethod
+    def hf_table(cfg):
+        """Our keys -> HF Blip2ForImageTextRetrieval keys (no temp, no ITG head there)."""
+        heads = {"vision_proj": "vision_projection", "text_proj": "text_projection", "itm_head": "itm_head"}
+        return Querying.hf_table(cfg) | {f"{ours}.{p}": f"{hf}.{p}" for ours, hf in heads.items()
+                                         for p in ("weight", "bias")}
+
     @classmethod
     def from_pretrained(cls, src, image_size=None, device="cpu", dtype=None):
         """From an HF `Blip2ForImageTextRetrieval` folder (e.g. Salesforce/blip2-itm-vit-g) or one of our own
@@ -186,12 +201,7 @@ class Blip2Stage1(Querying):
                            embed_dim=d.get("image_text_hidden_size", 256),
                            ln_vision_eps=d["vision_config"]["layer_norm_eps"])
         model = build_empty(cls, cfg, device, dtype)
-        table = {"vit." + k: v for k, v in vt.hf_keys(cfg.vit)["table"].items()} | {"qformer." + k: v for k, v in qf.hf_table(cfg.qformer).items()}
-        for name in ("vision_proj", "text_proj", "itm_head"):
-            hf = {"vision_proj": "vision_projection", "text_proj": "text_projection"}.get(name, name)
-            table |= {f"{name}.weight": f"{hf}.weight", f"{name}.bias": f"{hf}.bias"}
-        table |= {"query_tokens": "query_tokens", "ln_vision.weight": "vision_model.post_layernorm.weight",
-                  "ln_vision.bias": "vision_model.post_layernorm.bias"}
+        table = cls.hf_table(cfg)
         load_weights(model, src, table, fresh=["temp"])
         with torch.no_grad():
             model.temp.fill_(0.07)  # not stored in HF checkpoints
@@ -554,6 +564,18 @@ class Blip2(Querying):
         model._set_tokenizer(lm_src)
         return model.to(dtype) if dtype is not None else model
 
+    @staticmethod
+    def hf_table(cfg, keys=None):
+        """Our keys -> HF Blip2ForConditionalGeneration keys, and the LLM's load_weights arguments (its ignore list
+        and canon). keys: the file's key names, which tell a T5 head saved untied from one saved once."""
+        table = Querying.hf_table(cfg) | {f"language_projection.{p}": f"language_projection.{p}"
+                                          for p in ("weight", "bias")}
+        if isinstance(cfg.lm, t5m.T5Config):
+            lm = t5m.hf_keys(cfg.lm, "language_model.", keys)
+            return table | {"lm." + k: v for k, v in lm["table"].items()}, lm
+        lm = op.hf_keys(cfg.lm, prefix="lm.")
+        return table | lm["table"], lm
+
     @classmethod
     def from_pretrained(cls, src, device="cpu", dtype=None, image_size=None):
         """From an HF BLIP-2 folder (Blip2ForConditionalGeneration, original or 2024 layout), a Hub id, or one of our
@@ -575,19 +597,8 @@ class Blip2(Querying):
                           image_token_index=d.get("image_token_index"))
         model = build_empty(cls, cfg, device, dtype)
         model._set_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
-        table = {"vit." + k: v for k, v in vt.hf_keys(cfg.vit)["table"].items()}
-        table |= {"qformer." + k: v for k, v in qf.hf_table(cfg.qformer).items()}
-        table |= {"query_tokens": "query_tokens", "ln_vision.weight": "vision_model.post_layernorm.weight",
-                  "ln_vision.bias": "vision_model.post_layernorm.bias",
-                  "language_projection.weight": "language_projection.weight",
-                  "language_projection.bias": "language_projection.bias"}
-        if kind == "t5":
-            keys = {k for f in safetensors_files(folder) for k in safe_open(f, framework="pt").keys()}
-            lm = t5m.hf_keys(cfg.lm, "language_model.", keys)
-            table |= {"lm." + k: v for k, v in lm["table"].items()}
-        else:
-            lm = op.hf_keys(cfg.lm, prefix="lm.")
-            table |= lm["table"]
+        keys = {k for f in safetensors_files(folder) for k in safe_open(f, framework="pt").keys()}
+        table, lm = cls.hf_table(cfg, keys)
         ignore = [p for p in lm["ignore"] if p.startswith("language_model.")]
         load_weights(model, folder, table, ignore=ignore, canon=lm.get("canon"))
         return model.eval()

@@ -44,6 +44,7 @@ from . import opt as op
 from . import qformer as qf
 from . import t5 as t5m
 from . import vit as vt
+from .blip2 import Blip2, Blip2Stage1
 from .load import _template_regex
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -100,7 +101,7 @@ def state_to_hf(module, table, inverse=None, drop=(), extra=None):
 
 
 def save_weights(module, path, table, inverse=None, drop=(), extra=None):
-    """Write `module` as an HF safetensors file at `path` (the inverse of load_weights). Returns the number of tensors."""
+    """Write `module` as an HF safetensors file at `path`: the inverse of load_weights. Returns the tensor count."""
     tensors = state_to_hf(module, table, inverse, drop, extra)
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"format": "pt"})
@@ -166,13 +167,13 @@ def _identity_clip_layer(cfg, like):
                 L + "mlp.fc2.weight": z(C, cfg.mlp), L + "mlp.fc2.bias": z(C)}
 
 
-def vision_config(cfg, eps=None):
+def vision_config(cfg):
     """Blip2VisionConfig (EVA layout) of a ViTConfig."""
     if cfg.clip:
         raise ValueError("HF BLIP-2 has no CLIP vision tower (it has no ln_pre): export the ViT alone with export_vit")
     return dict(model_type="blip_2_vision_model", hidden_size=cfg.width, intermediate_size=cfg.mlp,
                 num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads, image_size=cfg.image_size,
-                patch_size=cfg.patch_size, layer_norm_eps=cfg.eps if eps is None else eps, hidden_act=cfg.act,
+                patch_size=cfg.patch_size, layer_norm_eps=cfg.eps, hidden_act=cfg.act,
                 qkv_bias=True)
 
 
@@ -192,13 +193,13 @@ def qformer_config(cfg, text):
                 vocab_size=cfg.vocab_size, pad_token_id=0, use_qformer_text_input=text)
 
 
-def opt_config(cfg, vocab_size=None, eos_id=None):
+def opt_config(cfg, vocab_size=None):
     return dict(architectures=["OPTForCausalLM"], model_type="opt", vocab_size=vocab_size or cfg.vocab_size,
                 hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads, ffn_dim=cfg.ffn_dim,
                 max_position_embeddings=cfg.max_positions, word_embed_proj_dim=cfg.word_embed_proj_dim,
                 do_layer_norm_before=cfg.pre_norm, _remove_final_layer_norm=cfg.pre_norm and not cfg.final_norm,
                 enable_bias=cfg.bias, layer_norm_elementwise_affine=cfg.ln_affine, activation_function="relu",
-                pad_token_id=cfg.pad_id, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id if eos_id is None else eos_id,
+                pad_token_id=cfg.pad_id, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id,
                 tie_word_embeddings=cfg.tie_word_embeddings)
 
 
@@ -209,7 +210,7 @@ def t5_config(cfg, vocab_size=None):
                 num_decoder_layers=cfg.dec_depth, num_heads=cfg.heads,
                 relative_attention_num_buckets=cfg.num_buckets, relative_attention_max_distance=cfg.max_distance,
                 layer_norm_epsilon=cfg.eps, feed_forward_proj=ffp, dense_act_fn=cfg.act, is_gated_act=cfg.gated,
-                tie_word_embeddings=cfg.tie_word_embeddings, scale_decoder_outputs=False,
+                tie_word_embeddings=cfg.tie_word_embeddings, scale_decoder_outputs=cfg.tie_word_embeddings,
                 is_encoder_decoder=True, pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id,
                 decoder_start_token_id=cfg.decoder_start_id)
 
@@ -264,18 +265,17 @@ def save_tokenizer(tok, folder, kind, image_token_index=None, image_size=None, n
     if image_token_index is not None and tk.token_to_id("<image>") is None and image_token_index == len(tok):
         tk.add_special_tokens([AddedToken("<image>", normalized=False, special=True)])
     tk.save(os.path.join(folder, "tokenizer.json"))
-    cfg = dict(model_max_length=512 if kind != "opt" else 1000000000000000019884624838656)
     if kind == "opt":
-        cfg |= dict(tokenizer_class="GPT2Tokenizer", add_bos_token=True, add_prefix_space=False,
-                    bos_token=name(tok.bos_id), eos_token=name(tok.eos_id), unk_token=name(tok.eos_id),
-                    pad_token=name(tok.pad_id))
+        cfg = dict(tokenizer_class="GPT2Tokenizer", add_bos_token=True, add_prefix_space=False,
+                   bos_token=name(tok.bos_id), eos_token=name(tok.eos_id), unk_token=name(tok.eos_id),
+                   pad_token=name(tok.pad_id))
     elif kind == "t5":
         extra = sum(t.startswith("<extra_id_") for t in tk.get_vocab())
-        cfg |= dict(tokenizer_class="T5Tokenizer", eos_token=name(tok.eos_id), pad_token=name(tok.pad_id),
-                    unk_token="<unk>", extra_ids=extra)
+        cfg = dict(tokenizer_class="T5Tokenizer", model_max_length=512, eos_token=name(tok.eos_id),
+                   pad_token=name(tok.pad_id), unk_token="<unk>", extra_ids=extra)
     else:
-        cfg |= dict(tokenizer_class="BertTokenizer", do_lower_case=True, cls_token="[CLS]", sep_token="[SEP]",
-                    pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
+        cfg = dict(tokenizer_class="BertTokenizer", model_max_length=512, do_lower_case=True, cls_token="[CLS]",
+                   sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
     _write_json(folder, "tokenizer_config.json", cfg)
     _write_json(folder, "special_tokens_map.json", {k: v for k, v in cfg.items() if k.endswith("_token")})
     if image_size is not None:
@@ -291,13 +291,9 @@ def save_tokenizer(tok, folder, kind, image_token_index=None, image_size=None, n
 # Whole models
 
 
-def _vision_parts(cfg):
-    """Table and inverses for vit.* and ln_vision.* of a BLIP-2 model."""
-    vit = vt.hf_keys(cfg.vit)["table"]
-    table = _prefixed(vit, "vit.") | {"query_tokens": "query_tokens",
-                                      "ln_vision.weight": "vision_model.post_layernorm.weight",
-                                      "ln_vision.bias": "vision_model.post_layernorm.bias"}
-    return table, _prefixed(vit_inverse(cfg.vit, vit), "vit.")
+def _vit_inverse(cfg):
+    """The inverses for the combined vit.* entries of a BLIP-2 model's table."""
+    return _prefixed(vit_inverse(cfg.vit, vt.hf_keys(cfg.vit)["table"]), "vit.")
 
 
 def _report(kind, folder, n, dropped=()):
@@ -308,19 +304,12 @@ def export_blip2(model, folder):
     """Our stage-2 Blip2 -> a Blip2ForConditionalGeneration folder (weights, config, tokenizer, processor files)."""
     cfg = model.cfg
     _start(folder)
-    table, inverse = _vision_parts(cfg)
-    table |= _prefixed(qf.hf_table(cfg.qformer), "qformer.") | {
-        "language_projection.weight": "language_projection.weight", "language_projection.bias": "language_projection.bias"}
+    table, inverse = Blip2.hf_table(cfg)[0], _vit_inverse(cfg)
     drop = ["qformer.word_embeddings.*", "qformer.position_embeddings.*", "qformer.layers.*.ffn_text.*",
             "qformer.lm_head.*"]  # a stage-1 text branch, if any: Blip2ForConditionalGeneration has none
-    if model.is_t5:
-        table |= _prefixed(t5m.hf_keys(cfg.lm, "language_model.")["table"], "lm.")
-    else:
-        table |= op.hf_keys(cfg.lm, prefix="lm.")["table"]
     index, grow = image_token(model)
     if grow:  # one zero row for <image> in the embedding and an untied head
-        rows = ["lm.shared.weight", "lm.lm_head.weight"] if model.is_t5 else ["lm.embed_tokens.weight", "lm.lm_head.weight"]
-        for key in rows:
+        for key in ("lm.shared.weight" if model.is_t5 else "lm.embed_tokens.weight", "lm.lm_head.weight"):
             if isinstance(table.get(key), str):
                 inverse[key] = lambda w, name=table[key]: {name: torch.cat([w, w.new_zeros(1, w.size(1))])}
     config = blip2_config(model)
@@ -341,17 +330,13 @@ def export_stage1(model, folder, tokenizer=None):
     so a reloaded model starts from temp 0.07 and cannot caption."""
     cfg = model.cfg
     _start(folder)
-    table, inverse = _vision_parts(cfg)
-    table |= _prefixed(qf.hf_table(cfg.qformer), "qformer.")
-    for ours, hf in (("vision_proj", "vision_projection"), ("text_proj", "text_projection"), ("itm_head", "itm_head")):
-        table |= {f"{ours}.weight": f"{hf}.weight", f"{ours}.bias": f"{hf}.bias"}
+    table, inverse = Blip2Stage1.hf_table(cfg), _vit_inverse(cfg)
     drop = ["temp", "qformer.lm_head.*"]
     config = blip2_config(model)
     n = save_weights(model, os.path.join(folder, "model.safetensors"), table, inverse, drop)
     _write_json(folder, "config.json", config)
     if tokenizer is not None:
-        save_tokenizer(tokenizer, folder, "bert", image_size=cfg.vit.image_size,
-                       num_query_tokens=cfg.qformer.num_query_tokens)
+        save_tokenizer(tokenizer, folder, "bert", image_size=cfg.vit.image_size)  # no <image> tokens in the text
     _report("Blip2ForImageTextRetrieval", folder, n,
             ["temp"] + (["qformer.lm_head (ITG)"] if model.qformer.lm_head is not None else []))
     return folder
@@ -363,7 +348,8 @@ def export_stage1(model, folder, tokenizer=None):
 
 def export_vit(vit, folder):
     """EVA: a BLIP-2 folder holding only vision_model.* (post_layernorm = identity LN), read back by
-    `ViTConfig.from_hf` + `vt.hf_keys`, and by transformers' Blip2VisionModel. CLIP: a CLIPVisionModel folder."""
+    `ViTConfig.from_hf` + `vt.hf_keys`; transformers' Blip2VisionModel reads it with
+    key_mapping={r"^vision_model\\.": ""}. CLIP: a CLIPVisionModel folder, with an identity last layer."""
     cfg = vit.cfg
     _start(folder)
     table = vt.hf_keys(cfg)["table"]
@@ -402,7 +388,7 @@ def export_bert(qformer, folder, keep_dec=False):
     n = save_weights(qformer, os.path.join(folder, "model.safetensors"), table, inverse, drop)
     config = bert_config(cfg, V, "BertForMaskedLM" if mlm else "BertModel")
     _write_json(folder, "config.json", config | dict(dtype=_dtype(qformer)))
-    _report(config["architectures"][0], folder, n, ["cross-attention", "query FFN"] + ([] if keep_dec else ["[DEC] row"]))
+    _report(config["architectures"][0], folder, n, ["cross-attention", "query FFN"] + ["[DEC] row"] * (not keep_dec))
     return folder
 
 
@@ -413,7 +399,8 @@ def export_opt(opt, folder, tokenizer=None):
     n = save_weights(opt, os.path.join(folder, "model.safetensors"), table)
     _write_json(folder, "config.json", opt_config(opt.cfg) | dict(dtype=_dtype(opt)))
     c = opt.cfg
-    _write_json(folder, "generation_config.json", dict(bos_token_id=c.bos_id, eos_token_id=c.eos_id, pad_token_id=c.pad_id))
+    _write_json(folder, "generation_config.json",
+                dict(bos_token_id=c.bos_id, eos_token_id=c.eos_id, pad_token_id=c.pad_id))
     if tokenizer is not None:
         save_tokenizer(tokenizer, folder, "opt")
     _report("OPTForCausalLM", folder, n)
@@ -426,8 +413,8 @@ def export_t5(t5, folder, tokenizer=None):
     n = save_weights(t5, os.path.join(folder, "model.safetensors"), t5m.hf_keys(t5.cfg)["table"])
     _write_json(folder, "config.json", t5_config(t5.cfg) | dict(dtype=_dtype(t5)))
     c = t5.cfg
-    _write_json(folder, "generation_config.json", dict(decoder_start_token_id=c.decoder_start_id, eos_token_id=c.eos_id,
-                                                       pad_token_id=c.pad_id))
+    _write_json(folder, "generation_config.json",
+                dict(decoder_start_token_id=c.decoder_start_id, eos_token_id=c.eos_id, pad_token_id=c.pad_id))
     if tokenizer is not None:
         save_tokenizer(tokenizer, folder, "t5")
     _report("T5ForConditionalGeneration", folder, n)
