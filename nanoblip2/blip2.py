@@ -54,7 +54,8 @@ class Querying(nn.Module):
         self.cfg = cfg
         self.vit = vt.ViT(cfg.vit)
         self.ln_vision = nn.LayerNorm(cfg.vit.width, eps=cfg.ln_vision_eps)
-        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.qformer.num_query_tokens, cfg.qformer.width).normal_(std=0.02))
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.qformer.num_query_tokens, cfg.qformer.width))
+        nn.init.normal_(self.query_tokens, std=0.02)
         self.qformer = qf.QFormer(cfg.qformer)
 
     def image_embeds(self, pixel_values):  # (B, 3, S, S) -> (B, N, Cv); no graph when the ViT is frozen

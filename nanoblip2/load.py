@@ -136,9 +136,18 @@ class _Reader:
 
 
 def build_empty(cls, cfg, device="cpu", dtype=None):
-    """Instantiate without running any initialisation (meta device), then allocate on `device`."""
-    with torch.device("meta"):
-        m = cls(cfg) if dtype is None else cls(cfg).to(dtype)
+    """Instantiate without running any initialisation (meta device), then allocate on `device`. The init functions
+    are switched off meanwhile: on meta they do nothing useful, and normal_ there imports torch._dynamo (~2 s)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_", "constant_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda t, *args, **kwargs: t)
+        with torch.device("meta"):
+            m = cls(cfg) if dtype is None else cls(cfg).to(dtype)
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
     return m.to_empty(device=device)
 
 
