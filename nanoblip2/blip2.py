@@ -407,10 +407,10 @@ class Blip2(Querying):
             return dict(loss=F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
         embeds = torch.cat([prompt, self.lm.embed(batch["input_ids"]).to(prompt.dtype)], dim=1)   # (B, Q + T, C)
         mask = torch.cat([batch["attention_mask"].new_ones(B, Q), batch["attention_mask"]], dim=1)
-        logits, _ = self.lm(inputs_embeds=embeds, attention_mask=mask)
-        labels = batch["labels"]                                                       # (B, Q + T), -100 on queries
-        return dict(loss=F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                         ignore_index=-100))
+        T = batch["input_ids"].size(1)
+        logits, _ = self.lm(inputs_embeds=embeds, attention_mask=mask, keep=T + 1)    # from the last query on
+        labels = batch["labels"][:, Q:]                                                # (B, T); the queries are -100
+        return dict(loss=F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
 
     @torch.no_grad()
     def generate(self, pixel_values, input_ids=None, attention_mask=None, *, max_new_tokens=30, min_new_tokens=0,
@@ -447,13 +447,13 @@ class Blip2(Querying):
             history = input_ids
 
             def prefill():
-                return lm(inputs_embeds=embeds, attention_mask=mask, last_only=True)
+                return lm(inputs_embeds=embeds, attention_mask=mask, keep=1)
 
             def run(seq, cache):  # the generated tokens: all of them after the prompt without a cache, else the newest
                 full_mask = torch.cat([expand(mask), mask.new_ones(seq.size(0), seq.size(1))], dim=1)
                 if cache is None:
                     x = torch.cat([expand(embeds), lm.embed(seq).to(embeds.dtype)], dim=1)
-                    return lm(inputs_embeds=x, attention_mask=full_mask, last_only=True)
+                    return lm(inputs_embeds=x, attention_mask=full_mask, keep=1)
                 return lm(input_ids=seq[:, -1:], attention_mask=full_mask, cache=cache)
         state = dict(seq=expand(history) if self.is_t5 else history.new_zeros(B * num_beams, 0), cache=None)
 

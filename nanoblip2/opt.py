@@ -136,9 +136,10 @@ class OPT(nn.Module):
     def embed(self, input_ids):  # (B, T) -> (B, T, E), token embeddings only (before project_in)
         return self.embed_tokens(input_ids)
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, last_only=False):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, keep=0):
         """-> logits (B, T, V), cache. attention_mask (B, S) covers the cached and the new positions, S = past + T.
-        last_only: logits of the last position only (B, 1, V), all that generation needs from a prompt."""
+        keep: logits of the last `keep` positions only (B, keep, V), 0 for all (HF's logits_to_keep). The vocabulary
+        projection is a third of a small OPT's work: generation needs 1 position, stage-2 training the text's."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
         B, T = x.shape[:2]
         past = 0 if cache is None else cache[0][0].size(2)
@@ -158,8 +159,8 @@ class OPT(nn.Module):
         for n, layer in enumerate(self.layers):
             x, kv = layer(x, mask, None if cache is None else cache[n])
             new_cache.append(kv)
-        if last_only:
-            x = x[:, -1:]
+        if keep:
+            x = x[:, -keep:]
         if self.ln_f is not None:
             x = self.ln_f(x)
         if self.project_out is not None:
