@@ -1,10 +1,15 @@
 """
-The BLIP-2 models. Stage 1 (paper §3.2): frozen ViT + Q-Former with the ITC, ITM and ITG heads.
-Matches HF `Blip2ForImageTextRetrieval` (modeling_blip_2.py) and LAVIS `blip2_qformer.py`.
+The BLIP-2 models, both built on `Querying` (frozen ViT -> ln_vision -> 32 learned queries through the Q-Former).
+- `Blip2Stage1` (paper §3.2, Figure 2): the Q-Former with its text branch and the ITC, ITM and ITG heads and losses.
+  Matches HF `Blip2ForImageTextRetrieval` and LAVIS `blip2_qformer.py`.
+- `Blip2` (§3.3, Figure 3): the query outputs, projected, are a soft visual prompt for a frozen OPT or FlanT5.
+  Matches HF `Blip2ForConditionalGeneration` and LAVIS `blip2_opt.py` / `blip2_t5.py`.
 
 Notable details
 - `ln_vision` (HF `vision_model.post_layernorm`) normalises the frozen ViT's output and is trained with the
   Q-Former. Its eps is read from the checkpoint (HF 1e-6); a fresh one uses LAVIS's 1e-5.
+- The stage-1 losses follow LAVIS, with two deviations stated where they happen (SPEC §10): `temp` is clamped, and
+  the ITC gather across GPUs keeps its gradients.
 - ITC similarity is the max over the 32 queries of the cosine between each query's projected feature and the
   projected [CLS] of the text (raw cosine at inference, divided by `temp` only when training).
 - ITM logits are the 2-way head averaged over the 32 query outputs of a bidirectional [queries; text] pass.
