@@ -424,6 +424,8 @@ class Blip2(Querying):
         """pixel_values (B, 3, S, S); input_ids (B, T): BOS + prompt for OPT (left-padded), prompt + </s> for T5.
         Returns the new token ids (B, T_new), padded with the pad id. use_cache=False recomputes every step from
         scratch: slow, but the plain definition that the cached path is tested against."""
+        if do_sample and num_beams > 1:
+            raise ValueError("sampling with beams is not implemented: use do_sample=True or num_beams > 1")
         lm, cfg = self.lm, self.cfg.lm
         prompt = self.visual_prompt(pixel_values)
         B, Q = prompt.size(0), prompt.size(1)
@@ -524,7 +526,7 @@ class Blip2(Querying):
         config.json."""
         cfg = Blip2Config.from_dict(d["model"])
         if isinstance(cfg.lm, t5m.T5Config) and dtype == torch.float16:
-            raise ValueError("FlanT5 overflows in float16; use bfloat16 or float32")
+            raise CheckpointError(f"{folder}: FlanT5 overflows in float16; use bfloat16 or float32")
         model = build_empty(cls, cfg, device, dtype)
         vit_src, lm_src = d["frozen"].get("vit"), resolve(d["frozen"]["lm"])
         if vit_src:
@@ -596,7 +598,7 @@ class Blip2(Querying):
         if kind not in ("opt", "t5"):
             raise CheckpointError(f"{folder}: language model {kind!r} is not supported (OPT or T5 only)")
         if kind == "t5" and dtype == torch.float16:
-            raise ValueError("FlanT5 overflows in float16; use bfloat16 or float32")
+            raise CheckpointError(f"{folder}: FlanT5 overflows in float16; use bfloat16 or float32")
         lm_cfg = t5m.T5Config.from_hf(d) if kind == "t5" else op.OPTConfig.from_hf(d)
         cfg = Blip2Config(vit=vt.ViTConfig.from_hf(d, image_size), qformer=qf.QFormerConfig.from_hf_blip2(d), lm=lm_cfg,
                           ln_vision_eps=d.get("vision_config", {}).get("layer_norm_eps", 1e-6),

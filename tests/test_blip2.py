@@ -128,6 +128,13 @@ def test_long_prompt_is_truncated_with_a_warning(blip2_opt):
         ours.caption(pixels(B=1), prompt="a cat on a mat " * 40, max_new_tokens=3, num_beams=1)
 
 
+def test_flan_t5_is_never_run_in_float16(blip2_t5, blip2_opt):
+    with pytest.raises(CheckpointError, match="FlanT5 overflows in float16"):
+        Blip2.from_pretrained(blip2_t5[0], dtype=torch.float16)
+    with pytest.raises(ValueError, match="sampling with beams"):
+        Blip2.from_pretrained(blip2_opt[0]).generate(pixels(B=1), do_sample=True, num_beams=2)
+
+
 def test_bad_folders(blip2_opt, itm_folder, tmp_path):
     import json
     import shutil
