@@ -75,7 +75,10 @@ def _resolve(table, key):
 def load_weights(module, folder_or_files, table, ignore=(), fresh=(), canon=None, verbose=True):
     """Copy the tensors of an HF checkpoint into `module`, strictly. Returns the number of tensors copied."""
     t0 = time.time()
-    files = safetensors_files(folder_or_files) if isinstance(folder_or_files, str) else list(folder_or_files)
+    if isinstance(folder_or_files, (str, os.PathLike)):
+        files = safetensors_files(os.fspath(folder_or_files))
+    else:
+        files = list(folder_or_files)
     where = {}  # canonical file key -> (file, original key)
     for f in files:
         with safe_open(f, framework="pt") as h:
@@ -212,7 +215,7 @@ def _save(resp, path, url):
 def resolve(src, revision="main"):
     """A local folder for `src`: an existing folder as is, or a Hub id from the HF cache or downloaded into it."""
     if os.path.isdir(src):
-        return src
+        return os.fspath(src)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", src):
         raise HubError(f"{src}: not a folder, and not a Hub id like Salesforce/blip2-opt-2.7b")
     repo_dir = os.path.join(hub_cache(), "models--" + src.replace("/", "--"))

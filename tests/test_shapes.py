@@ -1,6 +1,7 @@
 """data/shapes/prepare.py, the quick start's synthetic world: byte-identical for a seed whatever the number of
 processes, captions, questions and pixels that agree with each image's "objects", files our datasets and tokenizer
-loaders read. Three small runs, one in a subprocess that imports torch: a few seconds."""
+loaders read. Three small runs without pretraining, one in a subprocess: a few seconds. And one tiny run with a few
+steps of pretraining, whose ViT, BERT and OPT folders stage 1 and stage 2 load as they load real checkpoints."""
 import hashlib
 import json
 import math
@@ -14,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nanoblip2.data import CaptionDataset, eval_transform, load_retrieval, pre_caption
+from nanoblip2.blip2 import Blip2, Blip2Stage1
+from nanoblip2.data import CaptionDataset, eval_transform, load_image, load_retrieval, pre_caption
 from nanoblip2.tokenizer import load_bert_tokenizer, load_opt_tokenizer, load_t5_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +38,8 @@ def runs(tmp_path_factory):
     seed) meanwhile in this one, which skips two torch imports."""
     base = tmp_path_factory.mktemp("shapes")
     script = str(ROOT / "data" / "shapes" / "prepare.py")
-    argv = lambda name: [f"--out={base / name}", *RUNS[name]] + [f"--{s}={n}" for s, n in COUNTS.items()]  # noqa: E731
+    argv = lambda name: [f"--out={base / name}", *RUNS[name], "--pretrain=false",  # noqa: E731
+                         *(f"--{s}={n}" for s, n in COUNTS.items())]
     proc = subprocess.Popen([sys.executable, script, *argv("a")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     saved = sys.argv
@@ -216,3 +219,27 @@ def test_tokenizers_load_and_cover_the_texts(data):
     ids, mask = opt(["a red circle\n", "two shapes"], max_length=10)
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]] and ids[1, -1] == opt.pad_id  # </s> a red circle \n
     assert torch.equal(ids[0], torch.tensor(opt.tk.encode("a red circle\n").ids))
+
+
+def test_pretrained_models_load_into_stage1_and_stage2(tmp_path):
+    out = tmp_path / "shapes"
+    args = ["--train=60", "--val=10", "--test=10", "--workers=1", "--vit_steps=3", "--bert_steps=3", "--opt_steps=3",
+            "--pretrain_batch=8"]
+    proc = subprocess.run([sys.executable, str(ROOT / "data" / "shapes" / "prepare.py"), f"--out={out}", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "vit val: attribute accuracy" in proc.stdout and "opt greedy: " in proc.stdout
+    for folder, files in (("vit", ["config.json", "model.safetensors"]),
+                          ("bert", ["vocab.txt", "tokenizer_config.json", "config.json", "model.safetensors"]),
+                          ("opt", ["tokenizer.json", "config.json", "model.safetensors"])):
+        assert all((out / folder / f).is_file() for f in files), folder  # weights next to the tokenizer
+    torch.manual_seed(0)
+    stage1 = Blip2Stage1.from_vit_bert(str(out / "vit"), str(out / "bert"), num_query_tokens=4)  # str: see load.py
+    assert stage1.cfg.vit.depth == 4 and stage1.cfg.qformer.vocab_size == len(load_bert_tokenizer(out / "bert"))
+    entries = json.loads((out / "train.json").read_text())[:4]
+    pixels = torch.stack([load_image(out / "images" / e["image"], 64) for e in entries])
+    ids, mask = load_bert_tokenizer(out / "bert")([e["caption"][0] for e in entries], max_length=32)
+    losses = stage1(pixels, ids, mask)
+    assert all(torch.isfinite(losses[k]) and losses[k] > 0 for k in ("loss_itc", "loss_itm", "loss_itg"))
+    stage2 = Blip2.from_stage1(stage1, str(out / "opt"))
+    assert stage2.cfg.lm.vocab_size % 8 == 0 and stage2.cfg.lm.vocab_size >= len(load_opt_tokenizer(out / "opt"))

@@ -1,9 +1,11 @@
 """
 The shapes world: a synthetic captioned-image dataset for the offline quick start (nanoGPT's shakespeare_char, for
 BLIP-2). Real BLIP-2 needs pretrained models and millions of images; this draws small pictures of coloured shapes,
-writes their captions and VQA questions, and trains three small tokenizers, in well under a minute on a laptop CPU.
+writes their captions and VQA questions, and trains three small tokenizers, in well under a minute on a laptop CPU;
+then it pretrains the small frozen ViT, BERT and OPT that BLIP-2 starts from, in about 3 minutes on 2 cores.
 
     python data/shapes/prepare.py                              # 20,000 / 500 / 1,000 images into data/shapes
+    python data/shapes/prepare.py --pretrain=false             # the data and tokenizers only
     python data/shapes/prepare.py --train=2000 --out=/tmp/shapes --seed=7
 
 Writes into --out:
@@ -19,6 +21,11 @@ Writes into --out:
     opt/tokenizer.json                       byte-level BPE for OPT: <s>=0 <pad>=1 </s>=2 <unk>=3, BOS </s> in front
     t5/tokenizer.json                        Unigram for T5: <pad>=0 </s>=1 <unk>=2, </s> appended
     meta.json                                seed, counts, the attribute lists
+    with --pretrain (the default, ~3 minutes on 2 CPU cores), the small frozen models BLIP-2 starts from:
+    vit/config.json + model.safetensors      EVA ViT (BLIP-2 vision layout), 4 blocks, trained to name the attributes
+    bert/config.json + model.safetensors     BertForMaskedLM, masked-LM on the captions, next to vocab.txt
+    opt/config.json + model.safetensors      OPTForCausalLM on captions and "question: ... answer: ...", next to
+                                             tokenizer.json
 
 Notable details:
 - Each image has its own random generator, random.Random("shapes/{seed}/{split}/{index}") (a str seed is hashed with
@@ -39,8 +46,13 @@ Notable details:
   token); the BERT and T5 vocabularies are the words by frequency, written down (the trainers are no good here,
   see there). Other words still encode without [UNK]/<unk>: BERT has every character and "##" letter and digit,
   T5 every printable ASCII character, OPT every byte, so prompts such as "Question: ... Answer:" work, in pieces.
+- Pretraining reads the files back and never changes them: the data are byte-identical with or without it. The
+  weights depend on the seed and on the thread count (float sums). The ViT is trained with one extra block and
+  exported without it (BLIP-2 uses the second-last layer); BERT's vocabulary is vocab.txt's, without [DEC], which
+  the Q-Former appends when it loads it (--pretrain=false skips all this, for tests).
 """
 import collections
+import dataclasses
 import io
 import json
 import math
@@ -54,13 +66,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, nanoGPT style, no install
 from nanoblip2.cli import parse_args  # noqa: E402
+from nanoblip2.data import CLIP_MEAN, CLIP_STD  # noqa: E402
+from nanoblip2.export import export_bert, export_opt, export_vit  # noqa: E402
+from nanoblip2.opt import OPT, OPTConfig  # noqa: E402
+from nanoblip2.qformer import QFormer, QFormerConfig, text_mask  # noqa: E402
 from nanoblip2.tokenizer import load_bert_tokenizer, load_opt_tokenizer, load_t5_tokenizer  # noqa: E402
+from nanoblip2.vit import ViT, ViTConfig  # noqa: E402
 
 
 @dataclass
@@ -74,6 +94,11 @@ class PrepareConfig:
     questions: int = 3        # VQA questions per image, each of a different type (at most 8)
     opt_vocab: int = 512      # OPT's BPE, incl. the 256 bytes; an upper bound: merges stop once every word is whole
     workers: int = 0          # processes drawing images, 0 = one per core; the files do not depend on it
+    pretrain: bool = True     # then pretrain the frozen unimodal models (ViT, BERT, OPT) into vit/, bert/, opt/
+    vit_steps: int = 500      # optimizer steps per model: ~3 minutes for the three on 2 CPU cores
+    bert_steps: int = 250
+    opt_steps: int = 250
+    pretrain_batch: int = 64
 
 
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
@@ -383,9 +408,156 @@ print(f"tokenizers: bert {len(bert)} (with [DEC]), opt {len(opt)}, t5 {len(t5)} 
 print(f"wrote {out} ({disk / 2**20:.1f} MiB) in {t_total:.1f} s ({t_images:.1f} s drawing on {workers} process(es))")
 
 # -----------------------------------------------------------------------------
-# TODO (pretraining teammate): pretrain the tiny frozen unimodal models here, on the data above: a ViT (at
-# image_size), a BERT to initialise the Q-Former from, and the OPT and T5 language models. Save each as an HF-format
-# folder next to its tokenizer (<out>/bert/config.json + model.safetensors, ...), so that --bert=<out>/bert finds
-# both weights and vocabulary. Sizes to match: BERT's vocab_size = len(tokens) (the lines of vocab.txt; the Q-Former
-# adds [DEC] as the next id), OPT's >= len(opt) with pad 1, bos 2 and "\n" (opt.newline_id) ending a caption, T5's
-# >= len(t5) with pad 0 = decoder start, eos 1.
+# pretraining of the tiny frozen unimodal models (BLIP-2 starts from pretrained ones): each is trained briefly on the
+# data above and exported in its HF family's folder layout, so that stage 1 (Blip2Stage1.from_vit_bert(<out>/vit,
+# <out>/bert)) and stage 2 (Blip2.from_stage1(..., <out>/opt)) read them as they read real checkpoints.
+# The weights depend on the thread count (float sums); the data files above do not depend on them at all.
+
+
+def train(model, steps, loss_fn, name, max_lr=1e-3):
+    """AdamW, linear warmup over the first 10% of the steps then cosine to 10%; loss_fn(step) -> loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=max_lr, weight_decay=0.01)
+    warmup, t, loss = max(1, steps // 10), time.time(), torch.zeros(())
+    for step in range(steps):
+        lr = max_lr * min((step + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"{name} step {step}/{steps}: loss {loss.item():.4f}, lr {lr:.2e}, {time.time() - t:.1f} s")
+    return loss.item()
+
+
+def init_weights(m):  # GPT/ViT style: N(0, 0.02) weights, zero biases (ours build with PyTorch's defaults)
+    if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+        torch.nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, torch.nn.Linear) and m.bias is not None:
+        torch.nn.init.zeros_(m.bias)
+
+
+def attributes(objects):
+    """Multi-hot targets: shape present, colour present, (shape, colour) pair, shape is big; and the count - 1."""
+    y = torch.zeros(len(SHAPES) * (len(COLOURS) + 2) + len(COLOURS))
+    for o in objects:
+        s, c = SHAPES.index(o["shape"]), list(COLOURS).index(o["colour"])
+        y[[s, len(SHAPES) + c, len(SHAPES) + len(COLOURS) + s * len(COLOURS) + c]] = 1
+        y[-len(SHAPES) + s] = o["size"] == "big"
+    return y, len(objects) - 1
+
+
+def load_split(split, n):
+    """The first n images of a split as uint8 (n, 3, S, S), and their targets."""
+    images = [np.asarray(Image.open(out / "images" / e["image"]).convert("RGB")) for e in ann[split][:n]]
+    targets = [attributes(e["objects"]) for e in ann[split][:n]]
+    return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.stack([t[0] for t in targets]),
+            torch.tensor([t[1] for t in targets]))
+
+
+def normalise(x):  # uint8 (B, 3, S, S) -> float32, the arithmetic of data.to_tensor
+    x = (x.double() * (1 / 255)).float()
+    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+def pretrain_vit():
+    """An EVA-style ViT with one extra block, trained to name the attributes from its final [CLS]; the first
+    `depth` blocks are exported, as BLIP-2 uses the second-last layer's output."""
+    torch.manual_seed(cfg.seed)
+    vcfg = ViTConfig(image_size=cfg.image_size, patch_size=8, width=128, depth=4, heads=4, mlp=256, eps=1e-6)
+    vit = ViT(dataclasses.replace(vcfg, depth=vcfg.depth + 1))
+    n_attr = len(attributes([])[0])
+    head = torch.nn.Sequential(torch.nn.LayerNorm(vcfg.width), torch.nn.Linear(vcfg.width, n_attr + 3))
+    model = torch.nn.ModuleDict(dict(vit=vit, head=head)).apply(init_weights)
+    torch.nn.init.normal_(vit.pos_embed, std=0.02)
+    images, attrs, count = load_split("train", min(cfg.train, cfg.vit_steps * cfg.pretrain_batch))
+    g = torch.Generator().manual_seed(cfg.seed)
+
+    def predict(x):
+        out = head(vit(normalise(x))[:, 0])
+        return out[:, :n_attr], out[:, n_attr:]
+
+    def loss_fn(step):
+        i = torch.randint(len(images), (cfg.pretrain_batch,), generator=g)
+        a, c = predict(images[i])
+        bce = F.binary_cross_entropy_with_logits(a, attrs[i], reduction="sum") / len(i)  # summed over the labels
+        return bce + F.cross_entropy(c, count[i])
+
+    train(model, cfg.vit_steps, loss_fn, "vit")
+    if cfg.val:
+        images, attrs, count = load_split("val", cfg.val)
+        with torch.no_grad():
+            a, c = zip(*(predict(images[i:i + 256]) for i in range(0, len(images), 256)))
+        right = (torch.cat(a) > 0) == attrs.bool()
+        S, K = len(SHAPES), len(COLOURS)
+        groups = {"shapes": right[:, :S], "colours": right[:, S:S + K], "pairs": right[:, S + K:-S],
+                  "big": right[:, -S:], "all": right, "count": (torch.cat(c).argmax(1) == count)[:, None]}
+        print(f"vit val: attribute accuracy {right.float().mean():.4f}; images with every label of a group right: "
+              + ", ".join(f"{k} {v.all(1).float().mean():.3f}" for k, v in groups.items()))
+    vit4 = ViT(vcfg)
+    vit4.load_state_dict({k: v for k, v in vit.state_dict().items() if not k.startswith(f"blocks.{vcfg.depth}.")})
+    export_vit(vit4, str(out / "vit"))
+
+
+def pretrain_bert():
+    """A Q-Former text branch (= BERT) with masked-LM on the captions: 15% of the tokens, 80/10/10."""
+    torch.manual_seed(cfg.seed)
+    tok = load_bert_tokenizer(out / "bert")
+    V = len(tokens)  # vocab.txt: the Q-Former adds [DEC] when it loads this BERT
+    model = QFormer(QFormerConfig(width=128, depth=4, heads=4, mlp=256, vision_width=128, num_query_tokens=1,
+                                  vocab_size=V, max_positions=64, text=True, lm_head=True, dropout=0.1))
+    caps = [c for e in ann["train"] for c in e["caption"]]
+    g = torch.Generator().manual_seed(cfg.seed)
+
+    def loss_fn(step):
+        ids, mask = tok([caps[i] for i in torch.randint(len(caps), (cfg.pretrain_batch,), generator=g)], 64)
+        special = (ids == tok.pad_id) | (ids == tok.cls_id) | (ids == tok.sep_id)
+        picked = (torch.rand(ids.shape, generator=g) < 0.15) & ~special
+        r = torch.rand(ids.shape, generator=g)
+        x = ids.masked_fill(picked & (r < 0.8), tok.token_id("[MASK]"))
+        swap = picked & (r >= 0.8) & (r < 0.9)
+        x[swap] = torch.randint(5, V, (int(swap.sum()),), generator=g)
+        h, _ = model(input_ids=x, mask=text_mask(mask))
+        return F.cross_entropy(model.logits(h)[picked], ids[picked])
+
+    loss = train(model, cfg.bert_steps, loss_fn, "bert")
+    export_bert(model, str(out / "bert"), keep_dec=True)  # no [DEC] row yet; the files next to vocab.txt stay
+    return loss
+
+
+def pretrain_opt():
+    """A small OPT, causal LM on the captions and the "question: ... answer: ..." lines, each BOS + text + "\n"."""
+    torch.manual_seed(cfg.seed)
+    tok = load_opt_tokenizer(out / "opt")
+    model = OPT(OPTConfig(vocab_size=-(-len(tok) // 8) * 8, width=128, depth=4, heads=4, ffn_dim=512,
+                          max_positions=128, pad_id=1, bos_id=2, eos_id=2)).apply(init_weights)
+    texts_lm = [c for e in ann["train"] for c in e["caption"]]
+    texts_lm += [f"question: {q['question']} answer: {q['answers'][0]}" for q in vqa["train"]]
+    g = torch.Generator().manual_seed(cfg.seed)
+
+    def loss_fn(step):
+        ids, mask = tok([texts_lm[i] + "\n" for i in torch.randint(len(texts_lm), (cfg.pretrain_batch,), generator=g)],
+                        max_length=128)
+        logits, _ = model(ids, attention_mask=mask)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).flatten())
+
+    loss = train(model, cfg.opt_steps, loss_fn, "opt")
+    ids = tok(["a small"])[0]
+    with torch.no_grad():
+        for _ in range(30):
+            nxt = model(ids)[0][:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+            if nxt.item() == tok.newline_id:
+                break
+    print(f"opt greedy: {tok.decode(ids[0])!r}")
+    export_opt(model, str(out / "opt"))  # tokenizer.json stays
+    return loss
+
+
+if cfg.pretrain:
+    for name, fn in (("vit", pretrain_vit), ("bert", pretrain_bert), ("opt", pretrain_opt)):
+        t = time.time()
+        fn()
+        print(f"pretrained {name} in {time.time() - t:.1f} s")
