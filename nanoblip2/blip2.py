@@ -388,7 +388,8 @@ class Blip2(Querying):
         super().__init__(cfg)
         self.is_t5 = isinstance(cfg.lm, t5m.T5Config)
         self.lm = t5m.T5(cfg.lm) if self.is_t5 else op.OPT(cfg.lm)
-        self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.d_model if self.is_t5 else cfg.lm.width)
+        # into the LLM's input embedding space (for OPT that is word_embed_proj_dim, = width in every BLIP-2 OPT)
+        self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.d_model if self.is_t5 else cfg.lm.word_embed_proj_dim)
         self.tokenizer = None  # set by from_pretrained
         self.end_id = cfg.lm.eos_id  # OPT: "\n" (LAVIS), from the tokenizer when there is one
 

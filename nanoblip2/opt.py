@@ -38,7 +38,7 @@ class OPTConfig:
     heads: int = 12
     ffn_dim: int = 3072
     max_positions: int = 2048
-    word_embed_proj_dim: int = 768  # embedding width; != width only in opt-350m
+    word_embed_proj_dim: int = 0    # embedding width; 0 = width (they differ only in opt-350m)
     pre_norm: bool = True           # do_layer_norm_before
     final_norm: bool = True         # False for pre_norm=False, and for old fine-tunes with _remove_final_layer_norm
     bias: bool = True               # enable_bias
@@ -47,6 +47,9 @@ class OPTConfig:
     bos_id: int = 2
     eos_id: int = 2                 # BLIP-2 configs say 50118 ("\n")
     tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        self.word_embed_proj_dim = self.word_embed_proj_dim or self.width
 
     @classmethod
     def from_hf(cls, d):
@@ -76,8 +79,8 @@ class OPTConfig:
 
 PRESETS = {
     "opt-125m": OPTConfig(),
-    "opt-2.7b": OPTConfig(width=2560, depth=32, heads=32, ffn_dim=10240, word_embed_proj_dim=2560),
-    "opt-6.7b": OPTConfig(width=4096, depth=32, heads=32, ffn_dim=16384, word_embed_proj_dim=4096),
+    "opt-2.7b": OPTConfig(width=2560, depth=32, heads=32, ffn_dim=10240),
+    "opt-6.7b": OPTConfig(width=4096, depth=32, heads=32, ffn_dim=16384),
 }
 
 

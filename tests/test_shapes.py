@@ -234,7 +234,7 @@ def test_pretrained_models_load_into_stage1_and_stage2(tmp_path):
                           ("opt", ["tokenizer.json", "config.json", "model.safetensors"])):
         assert all((out / folder / f).is_file() for f in files), folder  # weights next to the tokenizer
     torch.manual_seed(0)
-    stage1 = Blip2Stage1.from_vit_bert(str(out / "vit"), str(out / "bert"), num_query_tokens=4)  # str: see load.py
+    stage1 = Blip2Stage1.from_vit_bert(str(out / "vit"), str(out / "bert"), num_query_tokens=4)
     assert stage1.cfg.vit.depth == 4 and stage1.cfg.qformer.vocab_size == len(load_bert_tokenizer(out / "bert"))
     entries = json.loads((out / "train.json").read_text())[:4]
     pixels = torch.stack([load_image(out / "images" / e["image"], 64) for e in entries])
@@ -243,3 +243,7 @@ def test_pretrained_models_load_into_stage1_and_stage2(tmp_path):
     assert all(torch.isfinite(losses[k]) and losses[k] > 0 for k in ("loss_itc", "loss_itm", "loss_itg"))
     stage2 = Blip2.from_stage1(stage1, str(out / "opt"))
     assert stage2.cfg.lm.vocab_size % 8 == 0 and stage2.cfg.lm.vocab_size >= len(load_opt_tokenizer(out / "opt"))
+    assert stage2.cfg.lm.word_embed_proj_dim == stage2.cfg.lm.width  # a plain OPT, no project_in/out
+    from nanoblip2.blip2 import opt_batch
+    loss = stage2(pixels, opt_batch(stage2.tokenizer, [e["caption"][0] for e in entries], num_queries=4))["loss"]
+    assert torch.isfinite(loss) and loss > 0
