@@ -11,7 +11,6 @@ to 1e-5, 224 px, 32 queries). One log line per log_interval steps; retrieval R@K
 eval_interval steps. -h lists every option.
 """
 import contextlib
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from nanoblip2.data import AnnotationError, CaptionDataset, load_image, load_ret
 from nanoblip2.load import CheckpointError, HubError, checkpoint_folder, read_config, resolve, save_checkpoint
 from nanoblip2.metrics import retrieval_recall
 from nanoblip2.tokenizer import load_bert_tokenizer
-from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, set_random_states,
+from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, resume,
                                 setup)
 
 
@@ -115,13 +114,7 @@ def main(cfg):
     optimizer = adamw(params, cfg)
     negatives = torch.Generator(device=cfg.device).manual_seed(cfg.seed + rank)  # ITM hard negatives
     torch.manual_seed(cfg.seed + rank)                                            # dropout
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if cfg.init_from == "resume":
-        state = torch.load(os.path.join(src, "optim.pt"), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        set_random_states(state["rng"], negatives, rank)
-        meta = json.load(open(os.path.join(src, "meta.json")))
-        step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+    step, epoch, batch_in_epoch = resume(src, optimizer, negatives, rank) if cfg.init_from == "resume" else (0, 0, 0)
     raw = model
     if cfg.compile:
         model = torch.compile(model)

@@ -12,7 +12,6 @@ it with the LLM's language-modelling loss (OPT) or prefix language-modelling los
 Periodic evaluation captions val_ann (beam 5) and reports CIDEr and BLEU-4. -h lists every option.
 """
 import contextlib
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from nanoblip2.cli import parse_args
 from nanoblip2.data import AnnotationError, CaptionDataset, load_image, load_retrieval, train_transform
 from nanoblip2.load import CheckpointError, HubError, checkpoint_folder, read_config, resolve, save_checkpoint
 from nanoblip2.metrics import caption_scores
-from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, set_random_states,
+from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, resume,
                                 setup)
 
 
@@ -123,13 +122,7 @@ def main(cfg):
     optimizer = adamw(params, cfg)
     splits = torch.Generator().manual_seed(cfg.seed + rank)  # FlanT5's prefix/suffix split points
     torch.manual_seed(cfg.seed + rank)                       # dropout
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if cfg.init_from == "resume":
-        state = torch.load(os.path.join(src, "optim.pt"), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        set_random_states(state["rng"], splits, rank)
-        meta = json.load(open(os.path.join(src, "meta.json")))
-        step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+    step, epoch, batch_in_epoch = resume(src, optimizer, splits, rank) if cfg.init_from == "resume" else (0, 0, 0)
     raw = model
     if cfg.compile:
         model = torch.compile(model)

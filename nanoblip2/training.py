@@ -9,6 +9,7 @@ Notable details
 - Frozen parts are put in eval mode for good: `freeze` also makes their .train() a no-op (LAVIS disabled_train).
 """
 import functools
+import json
 import math
 import os
 
@@ -111,6 +112,13 @@ def random_states(generator, ddp, world):
     return states
 
 
-def set_random_states(states, generator, rank):
-    torch.set_rng_state(states["torch"][rank])
-    generator.set_state(states["generator"][rank])
+def resume(folder, optimizer, generator, rank):
+    """Restore the optimiser and this rank's random states from a checkpoint folder; returns (step, epoch,
+    batch_in_epoch), where the run continues."""
+    state = torch.load(os.path.join(folder, "optim.pt"), weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"][rank])
+    generator.set_state(state["rng"]["generator"][rank])
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    return meta["step"], meta["epoch"], meta["batch_in_epoch"]
