@@ -251,3 +251,40 @@ def vqa_accuracy(pred, answers):
 def vqa_score(preds, answers_list):
     """Mean VQA accuracy x 100 over questions."""
     return 100.0 * sum(vqa_accuracy(p, a) for p, a in zip(preds, answers_list, strict=True)) / len(preds)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the shapes world (data/shapes/prepare.py): is what a caption says about the scene true?
+
+_WHERE = r"(?:in|at|on) the (top left|top right|bottom left|bottom right|top|bottom|left|right|middle)"
+_COUNT = {"a single": 1, "one": 1, "two": 2, "three": 3}
+
+
+def scene_accuracy(captions, scenes):
+    """Attribute accuracy of generated captions against the scenes they describe ({"objects": [{"shape", "colour",
+    "size", "position"}], "background"}, as in data/shapes/*.json). Every statement a caption makes is checked: each
+    object it names by its shape (the shape exists; its colour, size and position words, where given, are that
+    object's), a count ("two shapes", "a single ...") and the background. -> {"accuracy": true statements / all
+    statements, "objects": objects named / objects in the scenes}, summed over all captions. The vocabulary is read
+    from the scenes, so only words the world uses are recognised."""
+    objects = [o for s in scenes for o in s["objects"]]
+    words = lambda key: "|".join(sorted({re.escape(o[key]) for o in objects}, key=len, reverse=True))
+    mention = re.compile(rf"\b(?:({words('size')}) )?(?:({words('colour')}) )?({words('shape')})s?\b(?: {_WHERE})?")
+    true = stated = named = 0
+    for caption, scene in zip(captions, scenes, strict=True):
+        caption = caption.lower()
+        by_shape = {o["shape"]: o for o in scene["objects"]}
+        for size, colour, shape, position in mention.findall(caption):
+            o = by_shape.pop(shape, None)  # an object named twice counts once
+            claims = [(v, k) for v, k in ((size, "size"), (colour, "colour"), (position, "position")) if v]
+            stated += 1 + len(claims)
+            if o is not None:
+                true += 1 + sum(o[k] == v for v, k in claims)
+                named += 1
+        for count in re.findall(r"\b(?:(one|two|three) shapes|(a single))\b", caption):
+            stated += 1
+            true += _COUNT[count[0] or count[1]] == len(scene["objects"])
+        for background in re.findall(r"on an? ([a-z ]+?) background", caption):
+            stated += 1
+            true += background == scene["background"]
+    return {"accuracy": true / max(1, stated), "objects": named / max(1, len(objects))}

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanoblip2.metrics import (bleu, caption_scores, cider, ptb_tokenize, retrieval_recall, vqa_accuracy, vqa_normalize,
-                               vqa_score)
+from nanoblip2.metrics import (bleu, caption_scores, cider, ptb_tokenize, retrieval_recall, scene_accuracy,
+                               vqa_accuracy, vqa_normalize, vqa_score)
 
 # ----------------------------------------------------------------------------- retrieval
 
@@ -207,3 +207,23 @@ def test_vqa_accuracy_hand_computed():
 def test_vqa_score():
     preds, answers = ["dog", "2", "no"], [["dog"] * 10, ["2"] * 2 + ["3"] * 8, ["yes"] * 10]
     assert vqa_score(preds, answers) == pytest.approx(100 * (1.0 + 0.6 + 0.0) / 3)
+
+
+def test_scene_accuracy_hand_counted():
+    obj = lambda shape, colour, size, position: dict(shape=shape, colour=colour, size=size, position=position)
+    scenes = [{"objects": [obj("circle", "red", "big", "top left"), obj("square", "blue", "small", "right")],
+               "background": "pink"},
+              {"objects": [obj("star", "yellow", "small", "middle"), obj("circle", "green", "big", "top")],
+               "background": "white"},
+              {"objects": [obj("triangle", "black", "big", "bottom")], "background": "light grey"},
+              {"objects": [obj("cross", "purple", "small", "left")], "background": "beige"}]  # the words come from
+    # the scenes: without a cross somewhere, "red cross" below would be no statement at all
+    captions = [
+        "a big red circle in the top left and a small green square on the right on a pink background",  # 8 of 9 true
+        "two shapes: a yellow star and a red cross on a white background",  # star 2/2, cross 0/2, count, bg: 4 of 6
+        "A single triangle on a light grey background",                      # 3 of 3, case does not matter
+        "a purple cross on the left",                                        # 3 of 3
+    ]
+    got = scene_accuracy(captions, scenes)
+    assert got["accuracy"] == pytest.approx(18 / 21) and got["objects"] == pytest.approx(5 / 6)
+    assert scene_accuracy(["two shapes on a beige background"], scenes[2:3]) == {"accuracy": 0.0, "objects": 0.0}
