@@ -1,14 +1,15 @@
 """
 Stage 1 of BLIP-2 (paper §3.2): train the Q-Former against a frozen image encoder with ITC, ITM and ITG.
 
-    python train_stage1.py --vit=Salesforce/blip2-opt-2.7b --bert=bert-base-uncased \
-        --train_ann=data/coco/train.json --val_ann=data/coco/val.json --image_root=data/coco/images
-    torchrun --standalone --nproc_per_node=8 train_stage1.py ...
-    python train_stage1.py --init_from=resume --out_dir=out/stage1      # continue a run
+    python train_stage1.py                                    # the quick start: the shapes world (data/shapes)
+    python train_stage1.py config/stage1_coco_vitg.json       # the paper's: EVA ViT-g + BERT-base on COCO
+    torchrun --standalone --nproc_per_node=8 train_stage1.py config/stage1_coco_vitg.json
+    python train_stage1.py --init_from=resume                 # continue a run (same out_dir)
 
-The paper's settings are the defaults (AdamW 0.9/0.98, weight decay 0.05, peak lr 1e-4 after a linear warm-up, cosine
-to 1e-5, 224 px, 32 queries). One log line per log_interval steps; retrieval R@K on val_ann and a checkpoint every
-eval_interval steps. -h lists every option.
+The defaults are the quick start's, ~10 minutes on 2 CPU cores; the config file holds the paper's settings (AdamW
+0.9/0.98, weight decay 0.05, peak lr 1e-4 after a linear warm-up, cosine to 1e-5, 224 px, 32 queries, augmentation).
+One log line per log_interval steps; retrieval R@K on val_ann and a checkpoint every eval_interval steps, and on
+test_ann at the end. -h lists every option.
 """
 import contextlib
 import os
@@ -22,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanoblip2.blip2 import Blip2Stage1
 from nanoblip2.cli import parse_args
-from nanoblip2.data import AnnotationError, CaptionDataset, load_image, load_retrieval, train_transform
+from nanoblip2.data import (AnnotationError, CaptionDataset, eval_transform, load_image, load_retrieval,
+                            train_transform)
 from nanoblip2.load import CheckpointError, HubError, checkpoint_folder, read_config, resolve, save_checkpoint
 from nanoblip2.metrics import retrieval_recall
 from nanoblip2.tokenizer import load_bert_tokenizer
@@ -32,37 +34,42 @@ from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_
 
 @dataclass
 class TrainConfig:
-    # data: annotation files of {"image": relative path, "caption": str | [str]} (data/coco/prepare.py makes them)
-    train_ann: str = "data/coco/train.json"
-    val_ann: str = "data/coco/val.json"        # "" for no evaluation
-    image_root: str = "data/coco/images"
-    image_size: int = 224
+    # data: annotation files of {"image": relative path, "caption": str | [str]}; the defaults are the quick start
+    # (data/shapes/prepare.py), config/stage1_coco_vitg.json the paper's run (data/coco/prepare.py)
+    train_ann: str = "data/shapes/train.json"
+    val_ann: str = "data/shapes/val.json"      # retrieval every eval_interval steps; "" for none
+    test_ann: str = "data/shapes/test.json"    # retrieval once, at the end; "" for none
+    image_root: str = "data/shapes/images"
+    image_size: int = 0                        # 0 = the ViT's own (224 for EVA ViT-g, 64 for the shapes ViT)
     max_txt_len: int = 32
-    num_workers: int = 4
+    augment: bool = False                      # LAVIS's random resized crop + flip (the coco configs turn it on);
+                                               # off for the shapes world, whose captions name positions
+    num_workers: int = 2
     # model
-    vit: str = "Salesforce/blip2-opt-2.7b"     # the frozen ViT: a BLIP-2 folder (EVA ViT-g) or a CLIP folder / Hub id
-    bert: str = "bert-base-uncased"            # the Q-Former's initialisation and tokenizer
+    vit: str = "data/shapes/vit"               # the frozen ViT: a BLIP-2 folder (EVA ViT-g) or a CLIP folder / Hub id
+    bert: str = "data/shapes/bert"             # the Q-Former's initialisation and tokenizer
     num_query_tokens: int = 32
     init_from: str = "scratch"                 # scratch | resume | a nanoblip2 stage-1 folder
-    # optimisation
-    batch_size: int = 100                      # per process; the paper's total is 1680 (ViT-g)
+    # optimisation: the quick start's, ~10 minutes on 2 CPU cores; the paper's are in config/stage1_coco_vitg.json
+    batch_size: int = 32                       # per process; the paper's total is 1680 (ViT-g)
     grad_accum: int = 1
-    max_steps: int = 250_000
+    max_steps: int = 800
     lr_decay_steps: int = 0                    # where the cosine reaches min_lr; 0 = max_steps
-    lr: float = 1e-4
-    min_lr: float = 1e-5
+    lr: float = 1e-3                           # the paper: 1e-4 for a BERT-base Q-Former
+    min_lr: float = 1e-4
     warmup_lr: float = 1e-6
-    warmup_steps: int = 5000
+    warmup_steps: int = 20
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.98
     grad_clip: float = 1.0                     # 0 = off
     # evaluation, logging, checkpoints
     out_dir: str = "out/stage1"
-    log_interval: int = 10
-    eval_interval: int = 2000
-    eval_k_test: int = 128
-    eval_max_images: int = 1000                # 0 = the whole val_ann
+    log_interval: int = 50
+    eval_interval: int = 400
+    eval_k_test: int = 16                      # ITM re-ranks the ITC top k (LAVIS: 128 on COCO)
+    eval_max_images: int = 1000                # 0 = every image of val_ann / test_ann
+    eval_captions: int = 1                     # captions per image; 1 = the shapes world's specific first one, 0 = all
     # system
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA
@@ -71,16 +78,11 @@ class TrainConfig:
 
 
 @torch.no_grad()
-def evaluate(model, tok, cfg):
-    """Retrieval on val_ann (SPEC §5): ITC top-k re-ranked by ITM; i2t and t2i R@1/5/10."""
-    images, texts, img2txt, txt2img = load_retrieval(cfg.val_ann, cfg.image_root)
-    if cfg.eval_max_images and len(images) > cfg.eval_max_images:
-        images, img2txt = images[:cfg.eval_max_images], img2txt[:cfg.eval_max_images]
-        keep = sorted(t for ts in img2txt for t in ts)
-        remap = {t: i for i, t in enumerate(keep)}
-        texts, txt2img = [texts[t] for t in keep], [txt2img[t] for t in keep]
-        img2txt = [[remap[t] for t in ts] for ts in img2txt]
-    pixels = [load_image(p, cfg.image_size) for p in images]
+def evaluate(model, tok, cfg, ann_file):
+    """Retrieval (SPEC §5): ITC top-k re-ranked by ITM; i2t and t2i R@1/5/10."""
+    images, texts, img2txt, txt2img = load_retrieval(ann_file, cfg.image_root, max_images=cfg.eval_max_images,
+                                                     captions_per_image=cfg.eval_captions)
+    pixels = [load_image(p, model.cfg.vit.image_size) for p in images]
     ids, mask = tok(texts, max_length=35, padding="max_length")  # LAVIS pads retrieval texts to 35
     i2t, t2i = model.retrieval_scores(pixels, ids, mask, k_test=cfg.eval_k_test)
     return retrieval_recall(i2t.cpu(), t2i.cpu(), img2txt, txt2img)
@@ -98,7 +100,7 @@ def main(cfg):
         model = Blip2Stage1.from_pretrained(src, device=cfg.device).train()
         vit_source, bert = read_config(src)["frozen"]["vit"], read_config(src)["train"]["bert"]
     elif cfg.init_from == "scratch":
-        model = Blip2Stage1.from_vit_bert(cfg.vit, cfg.bert, cfg.num_query_tokens, image_size=cfg.image_size,
+        model = Blip2Stage1.from_vit_bert(cfg.vit, cfg.bert, cfg.num_query_tokens, image_size=cfg.image_size or None,
                                           device=cfg.device)
         vit_source, bert = resolve(cfg.vit), cfg.bert
     else:
@@ -123,7 +125,8 @@ def main(cfg):
     if master:
         print(f"stage 1: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, ViT frozen "
               f"({cfg.device}, {world} process(es))")
-    dataset = CaptionDataset(cfg.train_ann, cfg.image_root, train_transform(cfg.image_size), seed=cfg.seed)
+    transform = (train_transform if cfg.augment else eval_transform)(raw.cfg.vit.image_size)
+    dataset = CaptionDataset(cfg.train_ann, cfg.image_root, transform, seed=cfg.seed)
     stream = Stream(dataset, tok, cfg, rank, world, epoch, batch_in_epoch, verbose=master)
 
     def save(metrics):
@@ -162,11 +165,13 @@ def main(cfg):
             t0, seen = time.time(), 0
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             metrics = {}
-            if cfg.val_ann and master:
+            if master:
                 raw.eval()
-                metrics = evaluate(raw, tok, cfg)
+                for split, ann in (("val", cfg.val_ann), ("test", cfg.test_ann if step == cfg.max_steps else "")):
+                    if ann:
+                        metrics[split] = evaluate(raw, tok, cfg, ann)
+                        print(f"eval {split} step {step} | " + " | ".join(f"{k} {v:.2f}" for k, v in metrics[split].items()))
                 raw.train()
-                print(f"eval step {step} | " + " | ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
             save(metrics)
             t0, seen = time.time(), 0
     if ddp:

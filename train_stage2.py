@@ -2,14 +2,16 @@
 Stage 2 of BLIP-2 (paper §3.3): connect the stage-1 Q-Former to a frozen LLM through one linear layer and train
 it with the LLM's language-modelling loss (OPT) or prefix language-modelling loss (FlanT5).
 
-    python train_stage2.py --init_from=out/stage1/ckpt --lm=facebook/opt-2.7b \
-        --train_ann=data/coco/train.json --val_ann=data/coco/val.json --image_root=data/coco/images
-    python train_stage2.py ... --prompt="a photo of" --freeze_vit=false      # §4.2 caption fine-tuning
-    python train_stage2.py --init_from=bert --vit=... --bert=...            # Figure 5: no stage 1
-    torchrun --standalone --nproc_per_node=8 train_stage2.py ...
-    python train_stage2.py --init_from=resume --out_dir=out/stage2
+    python train_stage2.py                                    # the quick start: out/stage1/ckpt + the shapes OPT
+    python train_stage2.py --init_from=bert --out_dir=out/stage2_no_stage1    # Figure 5: no stage 1
+    python train_stage2.py config/stage2_coco_opt2.7b.json    # the paper's (or stage2_coco_flant5xl.json)
+    python train_stage2.py config/stage2_coco_opt2.7b.json --prompt="a photo of" --freeze_vit=false  # §4.2
+    torchrun --standalone --nproc_per_node=8 train_stage2.py config/stage2_coco_opt2.7b.json
+    python train_stage2.py --init_from=resume                 # continue a run (same out_dir)
 
-Periodic evaluation captions val_ann (beam 5) and reports CIDEr and BLEU-4. -h lists every option.
+The defaults are the quick start's, ~10 minutes on 2 CPU cores; the config files hold the paper's settings.
+Periodic evaluation captions val_ann (beam 5) and reports CIDEr and BLEU (and, in the shapes world, how much of
+what the captions say is true); test_ann is captioned at the end. -h lists every option.
 """
 import contextlib
 import os
@@ -23,48 +25,54 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanoblip2.blip2 import Blip2, Blip2Stage1, opt_batch, t5_batch
 from nanoblip2.cli import parse_args
-from nanoblip2.data import AnnotationError, CaptionDataset, load_image, load_retrieval, train_transform
+from nanoblip2.data import (AnnotationError, CaptionDataset, eval_transform, load_image, read_annotations,
+                            train_transform)
 from nanoblip2.load import CheckpointError, HubError, checkpoint_folder, read_config, resolve, save_checkpoint
-from nanoblip2.metrics import caption_scores
+from nanoblip2.metrics import caption_scores, scene_accuracy
 from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, resume,
                                 setup)
 
 
 @dataclass
 class TrainConfig:
-    # data: annotation files of {"image": relative path, "caption": str | [str]} (data/coco/prepare.py makes them)
-    train_ann: str = "data/coco/train.json"
-    val_ann: str = "data/coco/val.json"        # "" for no evaluation
-    image_root: str = "data/coco/images"
-    image_size: int = 224
+    # data: annotation files of {"image": relative path, "caption": str | [str]}; the defaults are the quick start
+    # (data/shapes/prepare.py), config/stage2_coco_*.json the paper's runs (data/coco/prepare.py)
+    train_ann: str = "data/shapes/train.json"
+    val_ann: str = "data/shapes/val.json"      # captioned every eval_interval steps; "" for none
+    test_ann: str = "data/shapes/test.json"    # captioned once, at the end; "" for none
+    image_root: str = "data/shapes/images"
+    image_size: int = 0                        # with init_from=bert: 0 = the ViT's own
     max_txt_len: int = 32
-    num_workers: int = 4
+    augment: bool = False                      # LAVIS's random resized crop + flip (the coco configs turn it on);
+                                               # off for the shapes world, whose captions name positions
+    num_workers: int = 2
     # model
     init_from: str = "out/stage1/ckpt"         # a stage-1 folder | resume | bert (skip stage 1: Figure 5)
-    lm: str = "facebook/opt-2.7b"              # the frozen LLM: an OPT or (Flan)T5 folder or Hub id
-    vit: str = ""                              # with init_from=bert: the frozen ViT (BLIP-2 or CLIP folder)
-    bert: str = ""                             # with init_from=bert: the Q-Former's initialisation
+    lm: str = "data/shapes/opt"                # the frozen LLM: an OPT or (Flan)T5 folder or Hub id
+    vit: str = "data/shapes/vit"               # with init_from=bert: the frozen ViT (BLIP-2 or CLIP folder)
+    bert: str = "data/shapes/bert"             # with init_from=bert: the Q-Former's initialisation
     num_query_tokens: int = 32
     prompt: str = ""                           # "" for pre-training; "a photo of" for caption fine-tuning
     freeze_vit: bool = True
-    # optimisation (paper §3.4, LAVIS pretrain_stage2.yaml)
-    batch_size: int = 64                       # per process; the paper's total is 1920 (OPT) / 1520 (FlanT5)
+    # optimisation: the quick start's, ~10 minutes on 2 CPU cores; the paper's (§3.4, LAVIS pretrain_stage2.yaml)
+    # are in config/stage2_coco_*.json
+    batch_size: int = 32                       # per process; the paper's total is 1920 (OPT) / 1520 (FlanT5)
     grad_accum: int = 1
-    max_steps: int = 80_000
+    max_steps: int = 1000
     lr_decay_steps: int = 0                    # where the cosine reaches min_lr; 0 = max_steps
-    lr: float = 1e-4
-    min_lr: float = 5e-5
+    lr: float = 1e-3                           # the paper: 1e-4
+    min_lr: float = 1e-4
     warmup_lr: float = 1e-6
-    warmup_steps: int = 2000
+    warmup_steps: int = 20
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.98
     grad_clip: float = 1.0                     # 0 = off
     # evaluation, logging, checkpoints
     out_dir: str = "out/stage2"
-    log_interval: int = 10
-    eval_interval: int = 2000
-    eval_max_images: int = 500                 # 0 = the whole val_ann
+    log_interval: int = 50
+    eval_interval: int = 500
+    eval_max_images: int = 1000                # 0 = every image of val_ann / test_ann
     eval_num_beams: int = 5
     eval_max_new_tokens: int = 30
     # system
@@ -75,18 +83,20 @@ class TrainConfig:
 
 
 @torch.no_grad()
-def evaluate(model, cfg, batch_size=16):
-    """Caption val_ann and score the captions against its references: CIDEr-D and BLEU (metrics.caption_scores)."""
-    images, texts, img2txt, _ = load_retrieval(cfg.val_ann, cfg.image_root)
-    n = min(len(images), cfg.eval_max_images or len(images))
-    gts, res = {}, {}
-    for i in range(0, n, batch_size):
-        pixels = torch.stack([load_image(p, cfg.image_size) for p in images[i:i + batch_size]])
-        caps = model.caption(pixels, cfg.prompt, num_beams=cfg.eval_num_beams, max_new_tokens=cfg.eval_max_new_tokens)
-        for j, cap in enumerate(caps):
-            res[i + j] = [cap]
-            gts[i + j] = [texts[t] for t in img2txt[i + j]]
-    return caption_scores(gts, res), res
+def evaluate(model, cfg, ann_file, batch_size=16):
+    """Caption the images of ann_file and score them against its references: CIDEr-D and BLEU
+    (metrics.caption_scores), and, in the shapes world, how much of what they say is true (scene_accuracy)."""
+    entries = read_annotations(ann_file)[:cfg.eval_max_images or None]
+    res = []
+    for i in range(0, len(entries), batch_size):
+        pixels = torch.stack([load_image(os.path.join(cfg.image_root, e["image"]), model.cfg.vit.image_size)
+                              for e in entries[i:i + batch_size]])
+        res += model.caption(pixels, cfg.prompt, num_beams=cfg.eval_num_beams, max_new_tokens=cfg.eval_max_new_tokens)
+    refs = [[e["caption"]] if isinstance(e["caption"], str) else e["caption"] for e in entries]
+    metrics = caption_scores(dict(enumerate(refs)), {k: [c] for k, c in enumerate(res)})
+    if all("objects" in e for e in entries):
+        metrics |= {f"scene_{k}": v for k, v in scene_accuracy(res, entries).items()}
+    return metrics, res
 
 
 def main(cfg):
@@ -103,7 +113,7 @@ def main(cfg):
         frozen = read_config(src)["frozen"]
     else:
         if cfg.init_from == "bert":  # Figure 5: the Q-Former has not learned to extract visual features first
-            stage1 = Blip2Stage1.from_vit_bert(cfg.vit, cfg.bert, cfg.num_query_tokens, image_size=cfg.image_size,
+            stage1 = Blip2Stage1.from_vit_bert(cfg.vit, cfg.bert, cfg.num_query_tokens, image_size=cfg.image_size or None,
                                                device=cfg.device)
             vit_source = resolve(cfg.vit)
         else:
@@ -133,7 +143,8 @@ def main(cfg):
         print(f"stage 2: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, frozen {lm} "
               f"({sum(p.numel() for p in raw.lm.parameters()) / 1e6:.1f}M), ViT {'frozen' if cfg.freeze_vit else 'trained'}"
               f" ({cfg.device}, {world} process(es))")
-    dataset = CaptionDataset(cfg.train_ann, cfg.image_root, train_transform(cfg.image_size), seed=cfg.seed)
+    transform = (train_transform if cfg.augment else eval_transform)(raw.cfg.vit.image_size)
+    dataset = CaptionDataset(cfg.train_ann, cfg.image_root, transform, seed=cfg.seed)
     stream = Stream(dataset, None, cfg, rank, world, epoch, batch_in_epoch, verbose=master)
 
     def lm_batch(captions):
@@ -176,12 +187,14 @@ def main(cfg):
             t0, seen = time.time(), 0
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             metrics = {}
-            if cfg.val_ann and master:
+            if master:
                 raw.eval()
-                metrics, res = evaluate(raw, cfg)
+                for split, ann in (("val", cfg.val_ann), ("test", cfg.test_ann if step == cfg.max_steps else "")):
+                    if ann:
+                        metrics[split], res = evaluate(raw, cfg, ann)
+                        print(f"eval {split} step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics[split].items()))
+                        print(f"eval {split} step {step} | first caption: {res[0]!r}")
                 raw.train()
-                print(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                print(f"eval step {step} | example: {res[0][0]!r}")
             save(metrics)
             t0, seen = time.time(), 0
     if ddp:

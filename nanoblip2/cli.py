@@ -1,8 +1,12 @@
 """
 `--key=value` overrides for the config dataclass at the top of each script (nanoGPT's configurator, without exec).
 Values are parsed by the field's type; an unknown key or a bad value is a one-line error; -h lists the fields.
+`--key value` works too, except for booleans, where a bare `--key` means true.
+A JSON file of {"key": value} given as an argument (e.g. config/stage1_coco_vitg.json) sets its keys the same way,
+in order: `python train_stage1.py config/stage1_coco_vitg.json --batch_size=32`.
 """
 import dataclasses
+import json
 import sys
 
 
@@ -35,12 +39,31 @@ def parse_args(cfg, argv=None, doc=""):
         for f in fields.values():
             print(f"  --{f.name}={getattr(cfg, f.name)!r}")
         raise SystemExit(0)
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}; options are --key=value, see -h")
-        key, eq, value = arg[2:].partition("=")
+    pairs = []  # (key, "=" or "", value, where), from config files and --key=value, in order
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg.endswith(".json") and not arg.startswith("--"):
+            try:
+                with open(arg, encoding="utf-8") as f:
+                    d = json.load(f)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"error: config file {arg}: {e}") from None
+            if not isinstance(d, dict):
+                raise SystemExit(f"error: config file {arg}: wants a JSON object of option: value")
+            as_text = lambda v: "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+            pairs += [(k, "=", as_text(v), f" (in {arg})") for k, v in d.items()]
+        elif not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}; options are --key=value or a .json file, see -h")
+        else:
+            key, eq, value = arg[2:].partition("=")
+            if not eq and key in fields and fields[key].type not in (bool, "bool") and args \
+                    and not args[0].startswith("--"):
+                eq, value = "=", args.pop(0)  # --key value
+            pairs.append((key, eq, value, ""))
+    for key, eq, value, where in pairs:
         if key not in fields:
-            raise SystemExit(f"error: unknown option --{key}; see -h for the options")
+            raise SystemExit(f"error: unknown option --{key}{where}; see -h for the options")
         if not eq:
             if fields[key].type not in (bool, "bool"):
                 raise SystemExit(f"error: --{key} needs a value: --{key}=...")

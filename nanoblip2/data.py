@@ -261,13 +261,15 @@ def collate(batch, tokenizer=None, max_length=32, padding="longest"):
     return out
 
 
-def load_retrieval(ann_file, image_root, max_words=50):
+def load_retrieval(ann_file, image_root, max_words=50, max_images=0, captions_per_image=0):
     """The retrieval eval layout (LAVIS RetrievalEvalDataset), one annotation entry per image with its captions:
-    -> images (paths), texts (cleaned captions), img2txt (text indices per image), txt2img (image index per text)."""
+    -> images (paths), texts (cleaned captions), img2txt (text indices per image), txt2img (image index per text).
+    max_images / captions_per_image > 0 keep the first ones only."""
     root = _image_root(image_root)
     images, texts, img2txt, txt2img = [], [], [], []
-    for i, e in enumerate(read_annotations(ann_file)):
-        captions = [e["caption"]] if isinstance(e["caption"], str) else e["caption"]
+    entries = read_annotations(ann_file)
+    for i, e in enumerate(entries[:max_images or None]):
+        captions = [e["caption"]] if isinstance(e["caption"], str) else e["caption"][:captions_per_image or None]
         images.append(str(root / e["image"]))
         img2txt.append(list(range(len(texts), len(texts) + len(captions))))
         txt2img += [i] * len(captions)

@@ -41,7 +41,8 @@ def train(data, itm_folder, out, *extra):
     args = [sys.executable, os.path.join(ROOT, "train_stage1.py"), f"--vit={itm_folder[0]}", f"--bert={data / 'bert'}",
             f"--train_ann={data / 'train.json'}", f"--val_ann={data / 'val.json'}", f"--image_root={data / 'images'}",
             f"--out_dir={out}", "--image_size=28", "--batch_size=4", "--num_workers=0", "--warmup_steps=2",
-            "--lr=1e-3", "--log_interval=1", "--eval_k_test=4", "--eval_max_images=0", *extra]
+            "--lr=1e-3", "--log_interval=1", "--eval_k_test=4", "--eval_max_images=0", "--eval_captions=0",
+            "--test_ann=", "--augment=true", *extra]
     p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
@@ -52,12 +53,14 @@ def losses(log):
 
 
 def test_loss_falls_and_checkpoint_is_written(data, itm_folder, tmp_path):
-    log = train(data, itm_folder, tmp_path / "run", "--max_steps=40", "--eval_interval=40")
+    log = train(data, itm_folder, tmp_path / "run", "--max_steps=40", "--eval_interval=20",
+                f"--test_ann={data / 'val.json'}")
     ls = losses(log)
     first, last = sum(ls[s] for s in range(1, 6)) / 5, sum(ls[s] for s in range(36, 41)) / 5
     assert len(ls) == 40 and last < 0.8 * first, ls
     assert "skipped 1 unreadable image(s)" in log  # the broken image is counted, the run goes on
-    assert re.search(r"eval step 40 \| txt_r1 [\d.]+ \| txt_r5", log)
+    assert re.search(r"eval val step 20 \| txt_r1 [\d.]+ \| txt_r5", log) and "eval test step 20" not in log
+    assert re.search(r"eval val step 40 \| txt_r1 .*\neval test step 40 \| txt_r1 [\d.]+ \| txt_r5", log)
     ckpt = tmp_path / "run" / "ckpt"
     assert sorted(os.listdir(ckpt)) == ["config.json", "meta.json", "model.safetensors", "optim.pt"]
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -87,7 +90,7 @@ def test_torchrun_two_processes(data, itm_folder, tmp_path):
     args = [os.path.join(ROOT, "train_stage1.py"), f"--vit={itm_folder[0]}", f"--bert={data / 'bert'}",
             f"--train_ann={data / 'train.json'}", f"--val_ann={data / 'val.json'}", f"--image_root={data / 'images'}",
             f"--out_dir={tmp_path}", "--image_size=28", "--batch_size=2", "--num_workers=0", "--max_steps=3",
-            "--eval_interval=3", "--log_interval=1", "--eval_k_test=4", "--eval_max_images=0"]
+            "--eval_interval=3", "--log_interval=1", "--eval_k_test=4", "--eval_max_images=0", "--test_ann="]
     errors = []
     for attempt in range(2):  # once more on a fresh port: this machine is shared, and ports can be taken
         with socket.socket() as s:

@@ -25,7 +25,8 @@ def train2(data, lm, out, *extra, vit=None, bert=None):
     args = [sys.executable, os.path.join(ROOT, "train_stage2.py"), f"--lm={lm}", f"--train_ann={data / 'train.json'}",
             f"--val_ann={data / 'val.json'}", f"--image_root={data / 'images'}", f"--out_dir={out}", "--image_size=28",
             "--batch_size=4", "--num_workers=0", "--warmup_steps=2", "--lr=1e-3", "--min_lr=1e-4", "--log_interval=1",
-            "--eval_num_beams=2", "--eval_max_new_tokens=5", "--eval_max_images=4", *extra]
+            "--eval_num_beams=2", "--eval_max_new_tokens=5", "--eval_max_images=4", "--test_ann=", "--augment=true",
+            *extra]
     if vit:
         args += ["--init_from=bert", f"--vit={vit}", f"--bert={bert}"]
     p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -55,7 +56,7 @@ def test_loss_falls_and_resume_is_exact(kind, data, lms, itm_folder, tmp_path):
 def test_sample_reads_our_checkpoint(data, lms, itm_folder, tmp_path):
     log = train2(data, lms / "opt", tmp_path / "run", "--max_steps=2", "--eval_interval=2", vit=itm_folder[0],
                  bert=data / "bert")
-    assert re.search(r"eval step 2 \| Bleu_1 [\d.]+ .* CIDEr [\d.]+", log)
+    assert re.search(r"eval val step 2 \| Bleu_1 [\d.]+ .* CIDEr [\d.]+", log)
     img = data / "images" / "0.png"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--init_from={tmp_path / 'run' / 'ckpt'}",
                         f"--image={img}", "--max_new_tokens=4", "--num_beams=1"], capture_output=True, text=True,
