@@ -24,7 +24,7 @@ Writes into --out:
     with --pretrain (the default, ~3 minutes on 2 CPU cores), the small frozen models BLIP-2 starts from:
     vit/config.json + model.safetensors      EVA ViT (BLIP-2 vision layout), 4 blocks, trained to name the attributes
     bert/config.json + model.safetensors     BertForMaskedLM, masked-LM on the captions, next to vocab.txt
-    opt/config.json + model.safetensors      OPTForCausalLM on captions and "question: ... answer: ...", next to
+    opt/config.json + model.safetensors      OPTForCausalLM on captions and "Question: ... Answer: ...", next to
                                              tokenizer.json
 
 Notable details:
@@ -41,7 +41,7 @@ Notable details:
   background for one or two objects (at most 26 words). It is the most specific, which makes retrieval over the
   test set meaningful; the others come from shorter templates, and some are generic ("two shapes on a pink
   background"), as in COCO.
-- The tokenizers come from the training captions and VQA texts (question + " " + answer), and each keeps every
+- The tokenizers come from the training captions and VQA texts ("Question: ... Answer: ..."), and each keeps every
   word whole. OPT's BPE is trained (on each text also after a space, so that "what" and "Ġwhat" are both one
   token); the BERT and T5 vocabularies are the words by frequency, written down (the trainers are no good here,
   see there). Other words still encode without [UNK]/<unk>: BERT has every character and "##" letter and digit,
@@ -95,7 +95,7 @@ class PrepareConfig:
     opt_vocab: int = 512      # OPT's BPE, incl. the 256 bytes; an upper bound: merges stop once every word is whole
     workers: int = 0          # processes drawing images, 0 = one per core; the files do not depend on it
     pretrain: bool = True     # then pretrain the frozen unimodal models (ViT, BERT, OPT) into vit/, bert/, opt/
-    vit_steps: int = 500      # optimizer steps per model: ~3 minutes for the three on 2 CPU cores
+    vit_steps: int = 1500     # optimizer steps per model: the ViT's shapes need the most
     bert_steps: int = 250
     opt_steps: int = 250
     pretrain_batch: int = 64
@@ -241,7 +241,7 @@ def questions(rng, objects, background, k):
     # the yes/no questions: half about something present, half about something absent
     shape = rng.choice(shapes if rng.random() < 0.5 else [s for s in SHAPES if s not in shapes])
     colour = rng.choice(colours if rng.random() < 0.5 else [c for c in COLOURS if c not in colours])
-    qa = {"count": ("how many shapes are there?", NUMBERS[len(objects)]),
+    qa = {"count": ("how many shapes are there?", str(len(objects))),  # answers as VQAv2 stores them: digits
           "colour": (f"what colour is the {o['shape']}?", o["colour"]),
           "shape": (f"what shape is the {o['colour']} object?", o["shape"]),
           "size": (f"is the {o['colour']} {o['shape']} big or small?", o["size"]),
@@ -270,6 +270,11 @@ def make_image(job):
     vqa = [{"image": path, "question": q, "answers": [ans] * 10, "image_id": i, "question_id": i * 10 + j, "type": t}
            for j, (t, q, ans) in enumerate(qas)]
     return entry, vqa, buf.tell()
+
+
+def qa_text(q):
+    """A question and its answer as the LM reads them: the paper's zero-shot VQA prompt (OPT), then the answer."""
+    return f"Question: {q['question']} Answer: {q['answers'][0]}"
 
 
 def write_json_list(entries, path):
@@ -318,7 +323,7 @@ t_images = time.time() - t0
 
 # each distinct text once: only the words count, and every word ends up whole either way
 texts = sorted({c for e in ann["train"] for c in e["caption"]} |
-               {q["question"] + " " + q["answers"][0] for q in vqa["train"]})  # sorted: sets vary between runs
+               {qa_text(q) for q in vqa["train"]})  # sorted: sets vary between runs
 
 # BERT WordPiece and T5 Unigram: every training word whole, most frequent first, then single characters as the
 # fallback. A trainer run to convergence on this closed vocabulary of ~80 words would keep every word whole too; the
@@ -329,7 +334,7 @@ words = sorted(counts, key=lambda w: (-counts[w], w))
 
 # BERT: [PAD] [UNK] [CLS] [SEP] [MASK], the words, then every character and "##" letter or digit, so that any
 # ASCII word encodes without [UNK]; read back with the pipeline load_bert_tokenizer builds around vocab.txt
-tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(dict.fromkeys(w.lower() for w in words))  # uncased
 tokens += [c for c in string.ascii_lowercase + string.digits + string.punctuation if c not in counts]
 tokens += [f"##{c}" for c in string.ascii_lowercase + string.digits]
 (out / "bert").mkdir(exist_ok=True)
@@ -373,9 +378,9 @@ assert (opt.pad_id, opt.bos_id, opt.eos_id, opt.tk.token_to_id("<unk>")) == (1, 
 assert opt.tk.encode("\n").ids == [2, opt.newline_id], "'\\n' is not one OPT token"
 assert (t5.pad_id, t5.eos_id, t5.tk.token_to_id("<unk>")) == (0, 1, 2), "T5 special ids"
 eval_texts = sorted({c for s in ("val", "test") for e in ann[s] for c in e["caption"]} |
-                    {q["question"] + " " + q["answers"][0] for s in ("val", "test") for q in vqa[s]})
+                    {qa_text(q) for s in ("val", "test") for q in vqa[s]})
 every_word = " ".join(sorted({w for s in SPLITS for e in ann[s] for c in e["caption"] for w in c.split()} |
-                             {w for s in SPLITS for q in vqa[s] for w in f"{q['question']} {q['answers'][0]}".split()}))
+                             {w for s in SPLITS for q in vqa[s] for w in qa_text(q).split()}))
 longest = {}
 for name, tok, unk in (("bert", bert, "[UNK]"), ("opt", opt, "<unk>"), ("t5", t5, "<unk>")):
     encoded = [e.ids for e in tok.tk.encode_batch([every_word] + eval_texts)]
@@ -449,12 +454,26 @@ def attributes(objects):
     return y, len(objects) - 1
 
 
-def load_split(split, n):
-    """The first n images of a split as uint8 (n, 3, S, S), and their targets."""
-    images = [np.asarray(Image.open(out / "images" / e["image"]).convert("RGB")) for e in ann[split][:n]]
-    targets = [attributes(e["objects"]) for e in ann[split][:n]]
+def patch_targets(objects, grid):
+    """(grid * grid, 3) per patch, in the ViT's order: the shape, colour and size (0 small, 1 big) of the object whose
+    inner 80% covers the patch's centre, or -100 (no loss) for the background."""
+    P = cfg.image_size / grid
+    centre = (torch.arange(grid) + 0.5) * P
+    y, x = centre[:, None].expand(grid, grid).flatten(), centre[None, :].expand(grid, grid).flatten()
+    t = torch.full((grid * grid, 3), -100)
+    for o in objects:
+        inside = (x - o["x"]) ** 2 + (y - o["y"]) ** 2 < (0.8 * o["r"]) ** 2
+        t[inside] = torch.tensor([SHAPES.index(o["shape"]), list(COLOURS).index(o["colour"]), o["size"] == "big"])
+    return t
+
+
+def load_split(split, n, grid):
+    """The first n images of a split as uint8 (n, 3, S, S), and their targets: attributes, count, per patch."""
+    entries = ann[split][:n]
+    images = [np.asarray(Image.open(out / "images" / e["image"]).convert("RGB")) for e in entries]
+    targets = [attributes(e["objects"]) for e in entries]
     return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.stack([t[0] for t in targets]),
-            torch.tensor([t[1] for t in targets]))
+            torch.tensor([t[1] for t in targets]), torch.stack([patch_targets(e["objects"], grid) for e in entries]))
 
 
 def normalise(x):  # uint8 (B, 3, S, S) -> float32, the arithmetic of data.to_tensor
@@ -463,39 +482,49 @@ def normalise(x):  # uint8 (B, 3, S, S) -> float32, the arithmetic of data.to_te
 
 
 def pretrain_vit():
-    """An EVA-style ViT with one extra block, trained to name the attributes from its final [CLS]; the first
-    `depth` blocks are exported, as BLIP-2 uses the second-last layer's output."""
+    """An EVA-style ViT with one extra block, trained to name the attributes from its final [CLS] and, from every
+    patch token, the shape, colour and size of the object under it. The patch loss matters: the Q-Former reads the
+    patches, and from the [CLS] loss alone the shapes do not emerge in a CPU budget (colours and counts do). The
+    first `depth` blocks are exported, as BLIP-2 uses the second-last layer's output."""
     torch.manual_seed(cfg.seed)
     vcfg = ViTConfig(image_size=cfg.image_size, patch_size=8, width=128, depth=4, heads=4, mlp=256, eps=1e-6)
+    grid = cfg.image_size // vcfg.patch_size
     vit = ViT(dataclasses.replace(vcfg, depth=vcfg.depth + 1))
-    n_attr = len(attributes([])[0])
+    n_attr, K = len(attributes([])[0]), [len(SHAPES), len(COLOURS), 2]
     head = torch.nn.Sequential(torch.nn.LayerNorm(vcfg.width), torch.nn.Linear(vcfg.width, n_attr + 3))
-    model = torch.nn.ModuleDict(dict(vit=vit, head=head)).apply(init_weights)
+    patch_head = torch.nn.Sequential(torch.nn.LayerNorm(vcfg.width), torch.nn.Linear(vcfg.width, sum(K)))
+    model = torch.nn.ModuleDict(dict(vit=vit, head=head, patch_head=patch_head)).apply(init_weights)
     torch.nn.init.normal_(vit.pos_embed, std=0.02)
-    images, attrs, count = load_split("train", min(cfg.train, cfg.vit_steps * cfg.pretrain_batch))
+    images, attrs, count, patches = load_split("train", min(cfg.train, cfg.vit_steps * cfg.pretrain_batch), grid)
     g = torch.Generator().manual_seed(cfg.seed)
 
-    def predict(x):
-        out = head(vit(normalise(x))[:, 0])
-        return out[:, :n_attr], out[:, n_attr:]
+    def predict(x):  # -> attribute logits (B, n_attr), count logits (B, 3), per patch [(B, N, k) for k in K]
+        h = vit(normalise(x))
+        out = head(h[:, 0])
+        return out[:, :n_attr], out[:, n_attr:], patch_head(h[:, 1:]).split(K, dim=-1)
 
     def loss_fn(step):
         i = torch.randint(len(images), (cfg.pretrain_batch,), generator=g)
-        a, c = predict(images[i])
+        a, c, per_patch = predict(images[i])
         bce = F.binary_cross_entropy_with_logits(a, attrs[i], reduction="sum") / len(i)  # summed over the labels
-        return bce + F.cross_entropy(c, count[i])
+        dense = sum(F.cross_entropy(p.flatten(0, 1), patches[i][..., j].flatten()) for j, p in enumerate(per_patch))
+        return bce + F.cross_entropy(c, count[i]) + dense
 
-    train(model, cfg.vit_steps, loss_fn, "vit")
+    train(model, cfg.vit_steps, loss_fn, "vit", max_lr=2e-3)
     if cfg.val:
-        images, attrs, count = load_split("val", cfg.val)
+        images, attrs, count, patches = load_split("val", cfg.val, grid)
         with torch.no_grad():
-            a, c = zip(*(predict(images[i:i + 256]) for i in range(0, len(images), 256)))
-        right = (torch.cat(a) > 0) == attrs.bool()
-        S, K = len(SHAPES), len(COLOURS)
-        groups = {"shapes": right[:, :S], "colours": right[:, S:S + K], "pairs": right[:, S + K:-S],
-                  "big": right[:, -S:], "all": right, "count": (torch.cat(c).argmax(1) == count)[:, None]}
-        print(f"vit val: attribute accuracy {right.float().mean():.4f}; images with every label of a group right: "
-              + ", ".join(f"{k} {v.all(1).float().mean():.3f}" for k, v in groups.items()))
+            a, c, per_patch = predict(images)
+        right = (a > 0) == attrs.bool()
+        S, C = len(SHAPES), len(COLOURS)
+        groups = {"shapes": right[:, :S], "colours": right[:, S:S + C], "pairs": right[:, S + C:-S],
+                  "big": right[:, -S:], "count": (c.argmax(1) == count)[:, None]}
+        on = patches[..., 0] >= 0
+        print("vit val: images with every label of a group right: "
+              + ", ".join(f"{k} {v.all(1).float().mean():.3f}" for k, v in groups.items())
+              + "; patches on an object with its " + ", ".join(
+                  f"{k} right {(p.argmax(-1) == patches[..., j])[on].float().mean():.3f}"
+                  for j, (k, p) in enumerate(zip(("shape", "colour", "size"), per_patch))))
     vit4 = ViT(vcfg)
     vit4.load_state_dict({k: v for k, v in vit.state_dict().items() if not k.startswith(f"blocks.{vcfg.depth}.")})
     export_vit(vit4, str(out / "vit"))
@@ -523,18 +552,22 @@ def pretrain_bert():
         return F.cross_entropy(model.logits(h)[picked], ids[picked])
 
     loss = train(model, cfg.bert_steps, loss_fn, "bert")
+    # exported with dropout 0: the Q-Former takes it from this config, and on the CPU dropout costs a fifth of a stage-1
+    # step without helping in the few steps the quick start trains (measured)
+    model.cfg.dropout = 0.0
     export_bert(model, str(out / "bert"), keep_dec=True)  # no [DEC] row yet; the files next to vocab.txt stay
     return loss
 
 
 def pretrain_opt():
-    """A small OPT, causal LM on the captions and the "question: ... answer: ..." lines, each BOS + text + "\n"."""
+    """A small OPT, causal LM on the captions and the "Question: ... Answer: ..." lines (the paper's zero-shot VQA
+    prompt), each BOS + text + "\n"."""
     torch.manual_seed(cfg.seed)
     tok = load_opt_tokenizer(out / "opt")
     model = OPT(OPTConfig(vocab_size=-(-len(tok) // 8) * 8, width=128, depth=4, heads=4, ffn_dim=512,
                           max_positions=128, pad_id=1, bos_id=2, eos_id=2)).apply(init_weights)
     texts_lm = [c for e in ann["train"] for c in e["caption"]]
-    texts_lm += [f"question: {q['question']} answer: {q['answers'][0]}" for q in vqa["train"]]
+    texts_lm += [qa_text(q) for q in vqa["train"]]
     g = torch.Generator().manual_seed(cfg.seed)
 
     def loss_fn(step):
