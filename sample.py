@@ -267,7 +267,9 @@ def main(cfg):
         cfg.init_from = QUICK_START if os.path.isdir(QUICK_START) else "Salesforce/blip2-opt-2.7b"
     model = Blip2.from_pretrained(cfg.init_from, device=cfg.device, dtype=dtype)
     lm = "FlanT5" if model.is_t5 else "OPT"
-    print(f"loaded {cfg.init_from}: {lm}, {num_params(model) / 1e9:.2f}B params, {dtype}, {cfg.device}, "
+    n = num_params(model)
+    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    print(f"loaded {cfg.init_from}: {lm}, {size} params, {dtype}, {cfg.device}, "
           f"{time.time() - t0:.1f}s")
     if cfg.caption_ann:
         eval_captions(model, ann, cfg)

@@ -1,0 +1,44 @@
+"""The quick start end to end, scaled down: data/shapes/prepare.py -> train_stage1.py -> train_stage2.py -> sample.py,
+the real scripts with their default paths, run in a fresh folder as the README runs them; flags only make it small."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "data/shapes/prepare.py": ["--train=1000", "--val=40", "--test=100", "--vit_steps=150", "--bert_steps=40",
+                               "--opt_steps=80", "--pretrain_batch=32"],
+    "train_stage1.py": ["--max_steps=60", "--batch_size=32", "--lr=1e-3", "--warmup_steps=5", "--eval_interval=60",
+                        "--log_interval=10", "--num_workers=0"],
+    "train_stage2.py": ["--max_steps=60", "--batch_size=32", "--lr=1e-3", "--warmup_steps=5", "--eval_interval=60",
+                        "--log_interval=10", "--num_workers=0", "--eval_num_beams=1", "--eval_max_images=50"],
+}
+
+
+def run(cwd, script, *args):
+    p = subprocess.run([sys.executable, str(ROOT / script), *SMALL.get(script, []), *args], cwd=cwd,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def metrics(log, split):
+    line = [m for m in re.findall(rf"^eval {split} step \d+ \| (.*)$", log, re.M) if "caption:" not in m][-1]
+    return {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", line)}
+
+
+def test_quick_start(tmp_path):
+    run(tmp_path, "data/shapes/prepare.py")
+    log = run(tmp_path, "train_stage1.py")
+    r = metrics(log, "test")  # 100 test images, each with its first caption: chance R@1, 5, 10 = 1, 5, 10%
+    assert min(r["txt_r1"], r["img_r1"]) >= 3 and min(r["txt_r_mean"], r["img_r_mean"]) >= 2.5 * 16 / 3, r
+    log = run(tmp_path, "train_stage2.py")
+    c = metrics(log, "test")  # measured: CIDEr 0.07, BLEU-1 0.28, 20% of the objects named; an untrained model
+    assert c["CIDEr"] >= 0.03 and c["Bleu_1"] >= 0.15 and c["scene_objects"] >= 0.1, c  # names none: 0.0
+    image = "data/shapes/images/test/000001.png"
+    out = run(tmp_path, "sample.py", f"--image={image}", "--attention=att.png")
+    assert "loaded out/stage2/ckpt: OPT" in out and re.search(rf"^{image}: \w+", out, re.M), out
+    assert Image.open(tmp_path / "att.png").size[0] > 0
