@@ -49,6 +49,7 @@ class TrainConfig:
     vit: str = "data/shapes/vit"               # the frozen ViT: a BLIP-2 folder (EVA ViT-g) or a CLIP folder / Hub id
     bert: str = "data/shapes/bert"             # the Q-Former's initialisation and tokenizer
     num_query_tokens: int = 32
+    cross_attention_freq: int = 2              # cross-attention in every k-th layer, as LAVIS
     init_from: str = "scratch"                 # scratch | resume | a nanoblip2 stage-1 folder
     # optimisation: the quick start's, ~10 minutes on 2 CPU cores; the paper's are in config/stage1_coco_vitg.json
     batch_size: int = 32                       # per process; the paper's total is 1680 (ViT-g)
@@ -100,7 +101,8 @@ def main(cfg):
         model = Blip2Stage1.from_pretrained(src, device=cfg.device).train()
         vit_source, bert = read_config(src)["frozen"]["vit"], read_config(src)["train"]["bert"]
     elif cfg.init_from == "scratch":
-        model = Blip2Stage1.from_vit_bert(cfg.vit, cfg.bert, cfg.num_query_tokens, image_size=cfg.image_size or None,
+        model = Blip2Stage1.from_vit_bert(cfg.vit, cfg.bert, cfg.num_query_tokens, cfg.cross_attention_freq,
+                                          image_size=cfg.image_size or None,
                                           device=cfg.device)
         vit_source, bert = resolve(cfg.vit), cfg.bert
     else:

@@ -51,7 +51,8 @@ class TrainConfig:
     lm: str = "data/shapes/opt"                # the frozen LLM: an OPT or (Flan)T5 folder or Hub id
     vit: str = "data/shapes/vit"               # with init_from=bert: the frozen ViT (BLIP-2 or CLIP folder)
     bert: str = "data/shapes/bert"             # with init_from=bert: the Q-Former's initialisation
-    num_query_tokens: int = 32
+    num_query_tokens: int = 32                 # with init_from=bert (else the stage-1 model's)
+    cross_attention_freq: int = 2              # with init_from=bert
     prompt: str = ""                           # "" for pre-training; "a photo of" for caption fine-tuning
     freeze_vit: bool = True
     # optimisation: the quick start's, ~10 minutes on 2 CPU cores; the paper's (§3.4, LAVIS pretrain_stage2.yaml)
@@ -113,8 +114,8 @@ def main(cfg):
         frozen = read_config(src)["frozen"]
     else:
         if cfg.init_from == "bert":  # Figure 5: the Q-Former has not learned to extract visual features first
-            stage1 = Blip2Stage1.from_vit_bert(cfg.vit, cfg.bert, cfg.num_query_tokens, image_size=cfg.image_size or None,
-                                               device=cfg.device)
+            stage1 = Blip2Stage1.from_vit_bert(cfg.vit, cfg.bert, cfg.num_query_tokens, cfg.cross_attention_freq,
+                                               image_size=cfg.image_size or None, device=cfg.device)
             vit_source = resolve(cfg.vit)
         else:
             stage1 = Blip2Stage1.from_pretrained(cfg.init_from, device=cfg.device)
