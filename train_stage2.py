@@ -43,6 +43,8 @@ class TrainConfig:
     image_root: str = "data/shapes/images"
     image_size: int = 0                        # with init_from=bert: 0 = the ViT's own
     max_txt_len: int = 32
+    train_captions: int = 1                    # captions per training image, the first ones; 0 = all (COCO).
+                                               # 1: the shapes world's specific first caption (measured better)
     augment: bool = False                      # LAVIS's random resized crop + flip (the coco configs turn it on);
                                                # off for the shapes world, whose captions name positions
     num_workers: int = 2
@@ -145,7 +147,8 @@ def main(cfg):
               f"({sum(p.numel() for p in raw.lm.parameters()) / 1e6:.1f}M), ViT {'frozen' if cfg.freeze_vit else 'trained'}"
               f" ({cfg.device}, {world} process(es))")
     transform = (train_transform if cfg.augment else eval_transform)(raw.cfg.vit.image_size)
-    dataset = CaptionDataset(cfg.train_ann, cfg.image_root, transform, seed=cfg.seed)
+    dataset = CaptionDataset(cfg.train_ann, cfg.image_root, transform, seed=cfg.seed,
+                             captions_per_image=cfg.train_captions)
     stream = Stream(dataset, None, cfg, rank, world, epoch, batch_in_epoch, verbose=master)
 
     def lm_batch(captions):

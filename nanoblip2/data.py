@@ -221,12 +221,13 @@ class CaptionDataset(torch.utils.data.Dataset):
     the image cannot be read. With `seed` set, the random augmentation of a sample depends only on (seed, epoch,
     index), not on which worker loads it or when: a resumed run sees exactly the images it would have seen."""
 
-    def __init__(self, ann_file, image_root, transform, max_words=50, prompt="", seed=None):
+    def __init__(self, ann_file, image_root, transform, max_words=50, prompt="", seed=None, captions_per_image=0):
         self.seed, self.epoch = seed, 0
         self.image_root = _image_root(image_root)
         self.transform, self.max_words, self.prompt = transform, max_words, prompt
+        captions = lambda e: [e["caption"]] if isinstance(e["caption"], str) else e["caption"]
         self.samples = [(e["image"], c) for e in read_annotations(ann_file)  # (image, caption) pairs
-                        for c in ([e["caption"]] if isinstance(e["caption"], str) else e["caption"])]
+                        for c in captions(e)[:captions_per_image or None]]  # > 0: the first ones only
 
     def __len__(self):
         return len(self.samples)

@@ -270,6 +270,8 @@ def test_prepare_coco(tmp_path):
                               "caption": [f"Caption {k} of 30." for k in range(5)], "image_id": 30}]
     ds = CaptionDataset(tmp_path / "out" / "val.json", tmp_path / "images", eval_transform(32))
     assert len(ds) == 5 and ds[4][1] == "caption 4 of 30" and ds[0][0].shape == (3, 32, 32)
+    firsts = CaptionDataset(tmp_path / "out" / "val.json", tmp_path / "images", eval_transform(32), captions_per_image=2)
+    assert [c for _, c in firsts.samples] == ["Caption 0 of 30.", "Caption 1 of 30."]
     assert len(CaptionDataset(tmp_path / "out" / "train.json", tmp_path / "images", eval_transform(32))) == 16
 
 
