@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from nanoblip2.blip2 import Blip2, num_params
 from nanoblip2.cli import parse_args
-from nanoblip2.data import AnnotationError, ImageError, load_image, open_image, read_annotations, to_rgb
+from nanoblip2.data import (AnnotationError, ImageError, entry_captions, load_image, open_image, read_annotations,
+                            to_rgb)
 from nanoblip2.load import CheckpointError, HubError
 from nanoblip2.metrics import caption_scores, scene_accuracy, vqa_score
 
@@ -108,7 +109,7 @@ def read_captions(ann_file):
     the entries that describe their scene (the shapes world's "objects" and "background")."""
     refs, scenes = {}, {}
     for e in read_annotations(ann_file):
-        refs.setdefault(e["image"], []).extend([e["caption"]] if isinstance(e["caption"], str) else e["caption"])
+        refs.setdefault(e["image"], []).extend(entry_captions(e))
         if "objects" in e:
             scenes[e["image"]] = e
     return refs, scenes

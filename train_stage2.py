@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanoblip2.blip2 import Blip2, Blip2Stage1, opt_batch, t5_batch
 from nanoblip2.cli import parse_args
-from nanoblip2.data import (AnnotationError, CaptionDataset, eval_transform, load_image, read_annotations,
-                            train_transform)
+from nanoblip2.data import (AnnotationError, CaptionDataset, entry_captions, eval_transform, load_image,
+                            read_annotations, train_transform)
 from nanoblip2.load import CheckpointError, HubError, checkpoint_folder, read_config, resolve, save_checkpoint
 from nanoblip2.metrics import caption_scores, scene_accuracy
 from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, resume,
@@ -95,7 +95,7 @@ def evaluate(model, cfg, ann_file, batch_size=16):
         pixels = torch.stack([load_image(os.path.join(cfg.image_root, e["image"]), model.cfg.vit.image_size)
                               for e in entries[i:i + batch_size]])
         res += model.caption(pixels, cfg.prompt, num_beams=cfg.eval_num_beams, max_new_tokens=cfg.eval_max_new_tokens)
-    refs = [[e["caption"]] if isinstance(e["caption"], str) else e["caption"] for e in entries]
+    refs = [entry_captions(e) for e in entries]
     metrics = caption_scores(dict(enumerate(refs)), {k: [c] for k, c in enumerate(res)})
     if all("objects" in e for e in entries):
         metrics |= {f"scene_{k}": v for k, v in scene_accuracy(res, entries).items()}

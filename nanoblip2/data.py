@@ -216,6 +216,11 @@ def _image_root(image_root):
     return root
 
 
+def entry_captions(entry):
+    """An annotation entry's "caption" (str | [str]) as a list."""
+    return [entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]
+
+
 class CaptionDataset(torch.utils.data.Dataset):
     """One sample per (image, caption) pair: (pixels (3, S, S), prompt + pre_caption(caption), index), or None if
     the image cannot be read. With `seed` set, the random augmentation of a sample depends only on (seed, epoch,
@@ -225,9 +230,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.seed, self.epoch = seed, 0
         self.image_root = _image_root(image_root)
         self.transform, self.max_words, self.prompt = transform, max_words, prompt
-        captions = lambda e: [e["caption"]] if isinstance(e["caption"], str) else e["caption"]
         self.samples = [(e["image"], c) for e in read_annotations(ann_file)  # (image, caption) pairs
-                        for c in captions(e)[:captions_per_image or None]]  # > 0: the first ones only
+                        for c in entry_captions(e)[:captions_per_image or None]]  # > 0: the first ones only
 
     def __len__(self):
         return len(self.samples)
@@ -270,7 +274,7 @@ def load_retrieval(ann_file, image_root, max_words=50, max_images=0, captions_pe
     images, texts, img2txt, txt2img = [], [], [], []
     entries = read_annotations(ann_file)
     for i, e in enumerate(entries[:max_images or None]):
-        captions = [e["caption"]] if isinstance(e["caption"], str) else e["caption"][:captions_per_image or None]
+        captions = entry_captions(e)[:captions_per_image or None]
         images.append(str(root / e["image"]))
         img2txt.append(list(range(len(texts), len(texts) + len(captions))))
         txt2img += [i] * len(captions)
