@@ -37,12 +37,11 @@ def train2(data, lm, out, *extra, vit=None, bert=None):
 @pytest.mark.parametrize("kind", ["opt", "t5"])
 def test_loss_falls_and_resume_is_exact(kind, data, lms, itm_folder, tmp_path):
     lm, kw = lms / kind, dict(vit=itm_folder[0], bert=data / "bert")
-    # the loss falls fast through a random OPT; through the tiny random T5's cross-attention it falls only slowly
-    # (e.g. 5.7 -> 5.1 in 60 steps on one batch), too slowly for a quick test, so T5 is checked for exact resume
-    if kind == "opt":
-        ls = losses(train2(data, lm, tmp_path / "long", "--max_steps=30", "--eval_interval=30", **kw))
-        first, last = sum(ls[s] for s in range(1, 6)) / 5, sum(ls[s] for s in range(26, 31)) / 5
-        assert last < 0.8 * first, ls
+    # the soft prompt is all that trains; through the tiny random T5's cross-attention the loss falls more slowly
+    # than through OPT's self-attention (T5 measured: mean of steps 1-5 14.0, of steps 26-30 10.5)
+    ls = losses(train2(data, lm, tmp_path / "long", "--max_steps=30", "--eval_interval=30", **kw))
+    first, last = sum(ls[s] for s in range(1, 6)) / 5, sum(ls[s] for s in range(26, 31)) / 5
+    assert last < (0.8 if kind == "opt" else 0.85) * first, ls
     # resume: T5 without a prompt, so that the prefix/suffix split points must be restored too
     common = ["--lr_decay_steps=8", "--eval_interval=4"] + (["--val_ann="] if kind == "t5" else [])
     full = losses(train2(data, lm, tmp_path / "full", "--max_steps=8", *common, **kw))
