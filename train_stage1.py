@@ -175,7 +175,8 @@ def main(cfg):
                 for split, ann in (("val", cfg.val_ann), ("test", cfg.test_ann if step == cfg.max_steps else "")):
                     if ann:
                         metrics[split] = evaluate(raw, tok, cfg, ann)
-                        print(f"eval {split} step {step} | " + " | ".join(f"{k} {v:.2f}" for k, v in metrics[split].items()))
+                        print(f"eval {split} step {step} | "
+                              + " | ".join(f"{k} {v:.2f}" for k, v in metrics[split].items()))
                 raw.train()
             save(metrics)
             t0, seen = time.time(), 0
