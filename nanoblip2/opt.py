@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .linear import Linear, linear
 from .load import build_empty, load_weights, read_config
 
 
@@ -88,10 +89,10 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.heads, self.scale = cfg.heads, (cfg.width // cfg.heads) ** -0.5
-        self.q = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
-        self.k = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
-        self.v = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
-        self.out = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
+        self.q = Linear(cfg.width, cfg.width, bias=cfg.bias)
+        self.k = Linear(cfg.width, cfg.width, bias=cfg.bias)
+        self.v = Linear(cfg.width, cfg.width, bias=cfg.bias)
+        self.out = Linear(cfg.width, cfg.width, bias=cfg.bias)
 
     def forward(self, x, mask, past=None):  # x (B, T, C), mask (B, 1, T, S); past (k, v) each (B, H, S - T, C/H)
         B, T, C = x.shape
@@ -110,8 +111,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.width, elementwise_affine=cfg.ln_affine)
         self.attn = Attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.width, elementwise_affine=cfg.ln_affine)
-        self.fc1 = nn.Linear(cfg.width, cfg.ffn_dim, bias=cfg.bias)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.width, bias=cfg.bias)
+        self.fc1 = Linear(cfg.width, cfg.ffn_dim, bias=cfg.bias)
+        self.fc2 = Linear(cfg.ffn_dim, cfg.width, bias=cfg.bias)
 
     def forward(self, x, mask, past=None):
         if self.pre_norm:
@@ -130,11 +131,11 @@ class OPT(nn.Module):
         E, C = cfg.word_embed_proj_dim, cfg.width
         self.embed_tokens = nn.Embedding(cfg.vocab_size, E)
         self.embed_positions = nn.Embedding(cfg.max_positions + 2, C)  # + 2: the offset, see the docstring
-        self.project_in = nn.Linear(E, C, bias=False) if E != C else None
+        self.project_in = Linear(E, C, bias=False) if E != C else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(C, elementwise_affine=cfg.ln_affine) if cfg.final_norm else None
-        self.project_out = nn.Linear(C, E, bias=False) if E != C else None
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(E, cfg.vocab_size, bias=False)
+        self.project_out = Linear(C, E, bias=False) if E != C else None
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(E, cfg.vocab_size, bias=False)
 
     def embed(self, input_ids):  # (B, T) -> (B, T, E), token embeddings only (before project_in)
         return self.embed_tokens(input_ids)
@@ -169,7 +170,7 @@ class OPT(nn.Module):
         if self.project_out is not None:
             x = self.project_out(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head), new_cache
+        return linear(x, head), new_cache
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", dtype=None):

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from .linear import Linear, linear
 from .load import build_empty, load_weights, read_config, safetensors_files
 
 ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_new": lambda: nn.GELU("tanh"), "silu": nn.SiLU}
@@ -108,10 +109,10 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.heads, inner = cfg.heads, cfg.heads * cfg.d_kv
-        self.q = nn.Linear(cfg.d_model, inner, bias=False)
-        self.k = nn.Linear(cfg.d_model, inner, bias=False)
-        self.v = nn.Linear(cfg.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.q = Linear(cfg.d_model, inner, bias=False)
+        self.k = Linear(cfg.d_model, inner, bias=False)
+        self.v = Linear(cfg.d_model, inner, bias=False)
+        self.o = Linear(inner, cfg.d_model, bias=False)
 
     def split(self, x):  # (B, T, H*D) -> (B, H, T, D)
         return x.view(x.size(0), x.size(1), self.heads, -1).transpose(1, 2)
@@ -129,12 +130,12 @@ class FFN(nn.Module):
         super().__init__()
         self.gated = cfg.gated
         if cfg.gated:
-            self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-            self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_0 = Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_1 = Linear(cfg.d_model, cfg.d_ff, bias=False)
         else:
-            self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi = Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.act = ACT[cfg.act]()
-        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
@@ -204,7 +205,7 @@ class T5(nn.Module):
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = Stack(cfg, cfg.enc_depth, decoder=False)
         self.decoder = Stack(cfg, cfg.dec_depth, decoder=True)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def embed(self, input_ids):  # (B, T) -> (B, T, C)
         return self.shared(input_ids)
@@ -236,7 +237,7 @@ class T5(nn.Module):
             new_cache.append(layer_cache)
         x = self.decoder.norm(x)
         if self.lm_head is None:  # tied head: scale first
-            return F.linear(x * self.cfg.d_model ** -0.5, self.shared.weight), new_cache
+            return linear(x * self.cfg.d_model ** -0.5, self.shared.weight), new_cache
         return self.lm_head(x), new_cache
 
     @classmethod

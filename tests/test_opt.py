@@ -203,3 +203,28 @@ def test_preset_parameter_counts():
             n = sum(p.numel() for p in OPT(PRESETS[name]).parameters())
         print(f"{name}: {n:,} parameters")
         assert n == count(PRESETS[name]) == expected, (name, n)
+
+
+def test_linear_fast_path(monkeypatch):
+    """linear.py: a few rows without autograd in fp32 go to oneDNN, anything else to F.linear; the results agree."""
+    import nanoblip2.linear as lin
+    if not lin.ONEDNN:
+        pytest.skip("this torch build has no oneDNN")
+    calls = []
+    f_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(a[0].shape) or f_linear(*a))
+    layer = lin.Linear(37, 301)
+    torch.manual_seed(0)
+    few, many = torch.randn(2, 3, 37), torch.randn(lin.ROWS + 1, 37)
+    with torch.no_grad():
+        fast, slow = layer(few), layer(many)
+        assert calls == [(lin.ROWS + 1, 37)]  # only the big one went to F.linear
+        ref = f_linear(few, layer.weight, layer.bias)
+    assert fast.shape == ref.shape and (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(slow, f_linear(many, layer.weight, layer.bias))
+    y = layer(few)  # autograd on: F.linear, and gradients flow
+    y.sum().backward()
+    assert calls[-1] == (2, 3, 37) and layer.weight.grad is not None
+    with torch.no_grad():  # other dtypes: F.linear
+        layer.double()(few.double())
+    assert calls[-1] == (2, 3, 37) and len(calls) == 3

@@ -18,10 +18,10 @@ ORIGINAL = dict(T5, feed_forward_proj="relu")  # tied head, scaled decoder outpu
 FLAN = dict(T5, feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=False)  # as in BLIP-2
 
 
-def close(a, b, what):
+def close(a, b, what, tol=TOL):
     diff = (a - b).abs().max().item()
     print(f"{what}: max abs diff {diff:.2e}")
-    assert a.shape == b.shape and diff <= TOL, f"{what}: {diff}"
+    assert a.shape == b.shape and diff <= tol, f"{what}: {diff}"
 
 
 def untie(lm):
@@ -129,11 +129,13 @@ def test_cached_decoding(t5_folder):
     ours = t5.T5.from_pretrained(folder)
     ids, mask, dec = batch(T=7)
     enc = ours.encode(ids, attention_mask=mask)
-    # fp32 against HF's own KV-cached decoding (cached vs full differs by ~2e-5 in fp32 in both, from summation order)
+    # fp32 against HF's own KV-cached decoding. The FlanT5 logits reach ~6 and this model amplifies rounding: cached
+    # vs full differs by ~2e-5 in fp32 in both, and our one-row products go through oneDNN (linear.py), which sums in
+    # another order than HF's MKL (measured 2.0e-5). So 1e-5 relative to the logits here; fp64 below is exact.
     cached, cache = one_token_at_a_time(lambda x, c: ours.decode(x, enc, mask, c), dec)
     ref, _ = one_token_at_a_time(lambda x, c: (lambda o: (o.logits, o.cache))(
         hf(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=x, cache=c, use_cache=True)), dec)
-    close(cached, ref, f"cached one-token decoding vs HF cached ({name})")
+    close(cached, ref, f"cached one-token decoding vs HF cached ({name})", TOL * max(1.0, ref.abs().max().item()))
     assert [tuple(t.shape[2] for t in layer) for layer in cache] == [(7, 7, 9, 9)] * 3
     # in fp64 the cache must reproduce the full decode exactly: a wrong bias row or mask shows up as O(1)
     ours, enc = ours.double(), enc.double()
