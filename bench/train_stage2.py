@@ -66,7 +66,7 @@ def setup(side, folder):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                                  lr=1e-4, betas=(0.9, 0.98))
+                                  lr=1e-4, betas=(0.9, 0.98), fused=True)  # train_stage2's and HF Trainer's
     return model, optimizer, params, loss
 
 

@@ -409,14 +409,15 @@ class Blip2(Querying):
             enc = self.lm.encode(inputs_embeds=embeds, attention_mask=mask)
             labels = batch["labels"]
             dec_in = torch.cat([labels.new_full((B, 1), self.cfg.lm.decoder_start_id), labels[:, :-1]], dim=1)
-            logits, _ = self.lm.decode(dec_in.masked_fill(dec_in == -100, self.cfg.lm.pad_id), enc, mask)
-            return dict(loss=F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
+            targets = labels != -100  # the vocabulary projection only where there is a target
+            logits, _ = self.lm.decode(dec_in.masked_fill(dec_in == -100, self.cfg.lm.pad_id), enc, mask, keep=targets)
+            return dict(loss=F.cross_entropy(logits.float(), labels[targets]))
         embeds = torch.cat([prompt, self.lm.embed(batch["input_ids"]).to(prompt.dtype)], dim=1)   # (B, Q + T, C)
         mask = torch.cat([batch["attention_mask"].new_ones(B, Q), batch["attention_mask"]], dim=1)
-        T = batch["input_ids"].size(1)
-        logits, _ = self.lm(inputs_embeds=embeds, attention_mask=mask, keep=T + 1)    # from the last query on
         labels = batch["labels"][:, Q:]                                                # (B, T); the queries are -100
-        return dict(loss=F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
+        targets = labels != -100  # position Q - 1 + t predicts token t: project those with a target only
+        logits, _ = self.lm(inputs_embeds=embeds, attention_mask=mask, keep=F.pad(targets, (Q - 1, 1)))  # (N, V)
+        return dict(loss=F.cross_entropy(logits.float(), labels[targets]))
 
     @torch.no_grad()
     def generate(self, pixel_values, input_ids=None, attention_mask=None, *, max_new_tokens=30, min_new_tokens=0,

@@ -142,8 +142,9 @@ class OPT(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, keep=0):
         """-> logits (B, T, V), cache. attention_mask (B, S) covers the cached and the new positions, S = past + T.
-        keep: logits of the last `keep` positions only (B, keep, V), 0 for all (HF's logits_to_keep). The vocabulary
-        projection is a third of a small OPT's work: generation needs 1 position, stage-2 training the text's."""
+        keep: logits of the last `keep` positions only (B, keep, V), 0 for all (HF's logits_to_keep), or a bool (B, T)
+        mask of the positions to project, -> (N, V) in row-major order. The vocabulary projection is a third of a small
+        OPT's work: generation needs 1 position, stage-2 training those with a target (not the queries, not padding)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
         B, T = x.shape[:2]
         past = 0 if cache is None else cache[0][0].size(2)
@@ -163,7 +164,9 @@ class OPT(nn.Module):
         for n, layer in enumerate(self.layers):
             x, kv = layer(x, mask, None if cache is None else cache[n])
             new_cache.append(kv)
-        if keep:
+        if isinstance(keep, torch.Tensor):
+            x = x[keep]  # (N, C)
+        elif keep:
             x = x[:, -keep:]
         if self.ln_f is not None:
             x = self.ln_f(x)

@@ -220,9 +220,10 @@ class T5(nn.Module):
             x, _ = block(x, bias)
         return self.encoder.norm(x)
 
-    def decode(self, input_ids, encoder_hidden, encoder_mask, cache=None):
+    def decode(self, input_ids, encoder_hidden, encoder_mask, cache=None, keep=None):
         """(B, T) ids after those in `cache` -> (logits (B, T, V), cache). The cache holds one
-        (self_k, self_v, cross_k, cross_v) per decoder layer, each (B, H, S, d_kv)."""
+        (self_k, self_v, cross_k, cross_v) per decoder layer, each (B, H, S, d_kv). keep: a bool (B, T) mask of the
+        positions to project onto the vocabulary (training: those with a target), -> logits (N, V)."""
         x = self.shared(input_ids)
         T = x.size(1)
         past = 0 if cache is None else cache[0][0].size(2)
@@ -235,7 +236,7 @@ class T5(nn.Module):
         for i, block in enumerate(self.decoder.blocks):
             x, layer_cache = block(x, bias, encoder_hidden, enc_bias, None if cache is None else cache[i])
             new_cache.append(layer_cache)
-        x = self.decoder.norm(x)
+        x = self.decoder.norm(x if keep is None else x[keep])
         if self.lm_head is None:  # tied head: scale first
             return linear(x * self.cfg.d_model ** -0.5, self.shared.weight), new_cache
         return self.lm_head(x), new_cache
