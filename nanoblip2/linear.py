@@ -2,17 +2,18 @@
 The language models' linear layers, with a faster CPU path for decoding.
 
 Decoding multiplies a few rows (one per sequence and beam) by every weight matrix of the LM. On the CPU in fp32,
-F.linear sends these skinny products to MKL's sgemm, which on this project's AMD EPYC reads the weights 2-4x slower
-than oneDNN does (an OPT-125m-shaped LM, one token: 8 rows x the 50272 x 768 head takes 31 ms in F.linear, 14 ms
-in oneDNN; bench/generate.py). So, without autograd and for at most ROWS rows, `linear` calls oneDNN's kernel on
-the same weights (no copy, no repacking); anything else (training, prefill of long inputs, the GPU) is F.linear.
-The sums are taken in another order: results differ from F.linear's in the last bits (~1e-6 relative).
+F.linear sends these skinny products to MKL's sgemm, which on this project's AMD EPYC reads the weights 1.6-4x
+slower than oneDNN does (one decoding step of OPT-125m at batch 8: its 50272 x 768 head takes 31 ms in F.linear, 14
+ms in oneDNN; generation in bench/generate.py, 1.4-1.7x). So, without autograd and for at most ROWS rows, `linear`
+calls oneDNN's kernel on the same weights (no copy, no repacking); anything else (training, prefill of long inputs,
+the GPU) is F.linear. The sums are taken in another order: results differ from F.linear's in the last bits, and are
+as close to an fp64 result.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROWS = 64  # above this, MKL's sgemm is as fast or faster (measured up to 10% faster at 376 rows and more)
+ROWS = 64  # at 376 rows and more MKL's sgemm was 4-31% faster than oneDNN here (33 rows: 6% slower)
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
