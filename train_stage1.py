@@ -25,7 +25,8 @@ from nanoblip2.blip2 import Blip2Stage1
 from nanoblip2.cli import parse_args
 from nanoblip2.data import (AnnotationError, CaptionDataset, eval_transform, load_image, load_retrieval,
                             train_transform)
-from nanoblip2.load import CheckpointError, HubError, checkpoint_folder, read_config, resolve, save_checkpoint
+from nanoblip2.load import (CheckpointError, HubError, checkpoint_folder, fingerprint, read_config, resolve,
+                           save_checkpoint)
 from nanoblip2.metrics import retrieval_recall
 from nanoblip2.tokenizer import load_bert_tokenizer
 from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, resume,
@@ -110,6 +111,7 @@ def main(cfg):
     else:
         model = Blip2Stage1.from_pretrained(cfg.init_from, device=cfg.device).train()
         vit_source, bert = read_config(resolve(cfg.init_from))["frozen"]["vit"], cfg.bert
+    fingerprints = {"vit": fingerprint(resolve(vit_source))}  # loading checks them: the ViT is named by path
     tok = load_bert_tokenizer(resolve(bert))
     if tok.bos_id != model.cfg.dec_id:
         raise SystemExit(f"error: the tokenizer's [DEC] is {tok.bos_id}, the model's {model.cfg.dec_id}")
@@ -138,7 +140,7 @@ def main(cfg):
         rng = random_states(negatives, ddp, world)  # every rank takes part
         if master:
             config = {"nanoblip2": "stage1", "model": asdict(raw.cfg), "frozen": {"vit": vit_source},
-                      "train": asdict(cfg) | {"bert": bert}}
+                      "fingerprints": fingerprints, "train": asdict(cfg) | {"bert": bert}}
             tensors = {k: v for k, v in raw.state_dict().items() if not k.startswith("vit.")}
             meta = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch, "metrics": metrics}
             save_checkpoint(ckpt_dir, tensors, config, meta, {"optimizer": optimizer.state_dict(), "rng": rng})

@@ -27,7 +27,8 @@ from nanoblip2.blip2 import Blip2, Blip2Stage1, opt_batch, t5_batch
 from nanoblip2.cli import parse_args
 from nanoblip2.data import (AnnotationError, CaptionDataset, entry_captions, eval_transform, load_image,
                             read_annotations, train_transform)
-from nanoblip2.load import CheckpointError, HubError, checkpoint_folder, read_config, resolve, save_checkpoint
+from nanoblip2.load import (CheckpointError, HubError, checkpoint_folder, fingerprint, read_config, resolve,
+                           save_checkpoint)
 from nanoblip2.metrics import caption_scores, scene_accuracy
 from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, resume,
                                 setup)
@@ -124,6 +125,7 @@ def main(cfg):
             vit_source = read_config(resolve(cfg.init_from))["frozen"]["vit"]
         model = Blip2.from_stage1(stage1, cfg.lm, device=cfg.device).train()
         frozen = {"vit": vit_source if cfg.freeze_vit else None, "lm": resolve(cfg.lm)}
+    fingerprints = {k: fingerprint(resolve(v)) for k, v in frozen.items() if v}  # loading checks them
     freeze(model.lm)
     if cfg.freeze_vit:
         freeze(model.vit)
@@ -161,7 +163,8 @@ def main(cfg):
     def save(metrics):
         rng = random_states(splits, ddp, world)
         if master:
-            config = {"nanoblip2": "stage2", "model": raw.cfg.to_dict(), "frozen": frozen, "train": asdict(cfg)}
+            config = {"nanoblip2": "stage2", "model": raw.cfg.to_dict(), "frozen": frozen, "fingerprints": fingerprints,
+                      "train": asdict(cfg)}
             trained = ("lm.", "vit.") if cfg.freeze_vit else ("lm.",)
             tensors = {k: v for k, v in raw.state_dict().items() if not k.startswith(trained)}
             meta = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch, "metrics": metrics}

@@ -32,7 +32,7 @@ from . import t5 as t5m
 from . import vit as vt
 from .data import load_image
 from .generate import generate
-from .load import CheckpointError, build_empty, load_weights, read_config, resolve, safetensors_files
+from .load import CheckpointError, build_empty, check_frozen, load_weights, read_config, resolve, safetensors_files
 from .tokenizer import load_opt_tokenizer, load_t5_tokenizer
 
 
@@ -216,6 +216,7 @@ class Blip2Stage1(Querying):
     @classmethod
     def _from_checkpoint(cls, folder, d, device="cpu", dtype=None):
         """Our folder: the trainable tensors from model.safetensors, a frozen ViT from the source config.json names."""
+        check_frozen(folder, d)
         cfg = Stage1Config.from_dict(d["model"])
         model = build_empty(cls, cfg, device, dtype)
         vit_src = d.get("frozen", {}).get("vit")
@@ -526,6 +527,7 @@ class Blip2(Querying):
     def _from_checkpoint(cls, folder, d, device="cpu", dtype=None):
         """Our folder: the trained tensors from model.safetensors; the frozen ViT and LLM from the sources named in
         config.json."""
+        check_frozen(folder, d)
         cfg = Blip2Config.from_dict(d["model"])
         if isinstance(cfg.lm, t5m.T5Config) and dtype == torch.float16:
             raise CheckpointError(f"{folder}: FlanT5 overflows in float16; use bfloat16 or float32")

@@ -17,6 +17,7 @@ Notable details
   file keys before matching.
 """
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -291,6 +292,31 @@ def save_checkpoint(folder, tensors, config, meta, optim_state=None):
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def fingerprint(folder):
+    """A cheap identity of a folder's weights: SHA-256 over each safetensors file's size and 17 evenly spaced 64 KiB
+    samples (the header included), a few ms for any size. Our checkpoints name their frozen parts by path; this
+    notices when the files there were replaced since training (a rerun of data/shapes/prepare.py, another
+    download), which would otherwise load and give garbage without a word."""
+    h = hashlib.sha256()
+    for path in safetensors_files(folder):
+        size = os.path.getsize(path)
+        h.update(size.to_bytes(8, "little"))
+        with open(path, "rb") as f:
+            for k in range(17):
+                f.seek(k * max(0, size - 65536) // 16)
+                h.update(f.read(65536))
+    return h.hexdigest()[:16]
+
+
+def check_frozen(folder, d):
+    """Raise if a frozen part named in our checkpoint's config `d` is not the one it was trained with."""
+    for name, want in d.get("fingerprints", {}).items():
+        src = d["frozen"][name]
+        if fingerprint(resolve(src)) != want:
+            raise CheckpointError(f"{folder}: its frozen {name} {src} has changed since this checkpoint was trained "
+                                  f"(fingerprint {want}); restore those weights or train again")
 
 
 def checkpoint_folder(folder):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from nanoblip2 import qformer as qf
 from nanoblip2 import vit as vt
 from nanoblip2.blip2 import Blip2Stage1, num_params
-from nanoblip2.load import CheckpointError, build_empty
+from nanoblip2.load import CheckpointError, build_empty, check_frozen, fingerprint
 
 
 def tampered(folder, tmp_path, edit):
@@ -82,3 +82,20 @@ def test_real_preset_parameter_counts():
     # CLIP ViT-L/14 has 303.2M in its vision tower with 24 layers; we keep 23 and drop its k biases and ln_post
     per_layer = 4 * 1024 * 1024 + 3 * 1024 + 2 * 1024 * 4096 + 4096 + 1024 + 4 * 1024
     assert num_params(clip) == 23 * per_layer + 3 * 1024 * 14 * 14 + 1024 + 257 * 1024 + 2 * 1024
+
+
+def test_a_changed_frozen_part_is_refused(tmp_path):
+    """Our checkpoints name their frozen parts by path; loading one whose files were replaced since (a retrained
+    ViT of the same shapes: every value differs) must stop, not give garbage."""
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    torch.manual_seed(0)
+    w = {"a": torch.randn(300, 1000), "b": torch.randn(7)}  # 1.2 MB: spans the 17 samples
+    save_file(w, str(vit / "model.safetensors"))
+    d = {"frozen": {"vit": str(vit), "lm": "unchecked"}, "fingerprints": {"vit": fingerprint(str(vit))}}
+    check_frozen("ckpt", d)  # unchanged: fine
+    assert fingerprint(str(vit)) == d["fingerprints"]["vit"]
+    save_file({"a": w["a"] + 1e-3 * torch.randn(300, 1000), "b": w["b"]}, str(vit / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"ckpt: its frozen vit {vit} has changed since"):
+        check_frozen("ckpt", d)
+    check_frozen("ckpt", {"frozen": {"vit": str(vit)}})  # older checkpoints, without fingerprints: not checked

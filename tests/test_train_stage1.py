@@ -8,6 +8,10 @@ import sys
 
 import pytest
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+
+from nanoblip2.blip2 import Blip2Stage1
+from nanoblip2.load import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -65,6 +69,14 @@ def test_loss_falls_and_checkpoint_is_written(data, itm_folder, tmp_path):
     assert sorted(os.listdir(ckpt)) == ["config.json", "meta.json", "model.safetensors", "optim.pt"]
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["nanoblip2"] == "stage1" and cfg["frozen"]["vit"] == itm_folder[0]
+    # the ViT is named by path: a checkpoint whose ViT files changed since is refused, naming both
+    vit = tmp_path / "vit"
+    shutil.copytree(itm_folder[0], vit)
+    w = load_file(vit / "model.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in w.items()}, vit / "model.safetensors")
+    (ckpt / "config.json").write_text(json.dumps(cfg | {"frozen": {"vit": str(vit)}}))
+    with pytest.raises(CheckpointError, match=f"{ckpt}: its frozen vit {vit} has changed since"):
+        Blip2Stage1.from_pretrained(str(ckpt))
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 40
 
 
