@@ -62,7 +62,7 @@ class TrainConfig:
     # are in config/stage2_coco_*.json
     batch_size: int = 32                       # per process; the paper's total is 1920 (OPT) / 1520 (FlanT5)
     grad_accum: int = 1
-    max_steps: int = 1000
+    max_steps: int = 2000
     lr_decay_steps: int = 0                    # where the cosine reaches min_lr; 0 = max_steps
     lr: float = 1e-3                           # the paper: 1e-4
     min_lr: float = 1e-4

@@ -229,7 +229,8 @@ def test_pretrained_models_load_into_stage1_and_stage2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "vit val: images with every label" in proc.stdout and "opt greedy: " in proc.stdout
-    assert re.search(r"patches on an object with its shape right [\d.]+, colour right", proc.stdout)
+    assert re.search(r"patches on an object with its shape right [\d.]+, colour right [\d.]+, size right [\d.]+, "
+                     r"position right [\d.]+", proc.stdout)
     for folder, files in (("vit", ["config.json", "model.safetensors"]),
                           ("bert", ["vocab.txt", "tokenizer_config.json", "config.json", "model.safetensors"]),
                           ("opt", ["tokenizer.json", "config.json", "model.safetensors"])):
