@@ -43,8 +43,8 @@ class TrainConfig:
     image_root: str = "data/shapes/images"
     image_size: int = 0                        # 0 = the ViT's own (224 for EVA ViT-g, 64 for the shapes ViT)
     max_txt_len: int = 32
-    train_captions: int = 0                    # captions per training image, the first ones; 0 = all. All measured
-                                               # better here than the shapes world's specific first one (README)
+    train_captions: int = 1                    # captions per training image, the first ones; 0 = all (COCO).
+                                               # 1: the shapes world's specific first caption (measured better)
     augment: bool = False                      # LAVIS's random resized crop + flip (the coco configs turn it on);
                                                # off for the shapes world, whose captions name positions
     num_workers: int = 2
