@@ -606,9 +606,10 @@ def pretrain_opt():
     def loss_fn(step):
         i = torch.randint(len(stream) - L - 1, (cfg.pretrain_batch // 2,), generator=g)
         ids = torch.stack([stream[j:j + L + 1] for j in i.tolist()])
-        n = len(ids) if step < cfg.opt_copy * cfg.opt_steps else len(ids) // 8 if cfg.opt_copy else 0  # then 1/8
-        runs = torch.randint(4, len(tok), (n, L // 32 + 1, 16), generator=g)  # 16 random tokens, twice, and again
-        ids[:n] = runs.repeat(1, 1, 2).flatten(1)[:, :L + 1]
+        if cfg.opt_copy:  # copying windows: all of them for the first opt_copy of the steps, then an eighth
+            n = len(ids) if step < cfg.opt_copy * cfg.opt_steps else len(ids) // 8
+            runs = torch.randint(4, len(tok), (n, L // 32 + 1, 16), generator=g)  # 16 random tokens, twice, again
+            ids[:n] = runs.repeat(1, 1, 2).flatten(1)[:, :L + 1]
         logits, _ = model(ids[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
 
