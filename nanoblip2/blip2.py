@@ -170,18 +170,18 @@ class Blip2Stage1(Querying):
             img.append(self.image_feats(vit[-1].to(dev)))
         vit, img = torch.cat(vit), torch.cat(img)
         sims = torch.einsum("iqd,td->iqt", img, txt).amax(dim=1).float()  # (N_img, N_txt) raw cosine
-        i2t, t2i = torch.full_like(sims, -100.0), torch.full_like(sims.T, -100.0)
         ids, mask = input_ids.to(dev), attention_mask.to(dev)
-        for i in tqdm(range(sims.size(0)), desc="ITM i2t", disable=not progress, leave=False):
-            top, idx = sims[i].topk(min(k_test, sims.size(1)))
-            itm = self.itm_from_embeds(vit[i:i + 1].to(dev).expand(len(idx), -1, -1), ids[idx], mask[idx])
-            i2t[i, idx] = itm[:, 1].float() + top
-        for t in tqdm(range(sims.size(1)), desc="ITM t2i", disable=not progress, leave=False):
-            top, idx = sims[:, t].topk(min(k_test, sims.size(0)))
-            itm = self.itm_from_embeds(vit[idx.cpu()].to(dev), ids[t:t + 1].expand(len(idx), -1),
-                                       mask[t:t + 1].expand(len(idx), -1))
-            t2i[t, idx] = itm[:, 1].float() + top
-        return i2t, t2i
+
+        def rerank(sims, desc):  # rows: images (i2t) or texts (t2i); each row's k_test best columns get ITM + cosine
+            out, n = torch.full_like(sims, -100.0), max(1, 4 * batch_size // k_test)  # n rows per ITM pass
+            for r in tqdm(range(0, len(sims), n), desc=desc, disable=not progress, leave=False):
+                top, col = sims[r:r + n].topk(min(k_test, sims.size(1)), dim=1)     # (rows, k)
+                row = torch.arange(r, r + len(col), device=col.device).repeat_interleave(col.size(1))
+                i, t = (row, col.flatten()) if desc == "ITM i2t" else (col.flatten(), row)
+                itm = self.itm_from_embeds(vit[i.cpu()].to(dev), ids[t], mask[t])[:, 1].float()
+                out[r:r + n].scatter_(1, col, itm.view_as(top) + top)
+            return out
+        return rerank(sims, "ITM i2t"), rerank(sims.T, "ITM t2i")
 
     # --- loading ----------------------------------------------------------------------------------------
 
