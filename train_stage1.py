@@ -55,9 +55,9 @@ class TrainConfig:
     cross_attention_freq: int = 2              # cross-attention in every k-th layer, as LAVIS
     init_from: str = "scratch"                 # scratch | resume | a nanoblip2 stage-1 folder
     # optimisation: the quick start's, ~10 minutes on 2 CPU cores; the paper's are in config/stage1_coco_vitg.json
-    batch_size: int = 32                       # per process; the paper's total is 1680 (ViT-g)
-    grad_accum: int = 1
-    max_steps: int = 800
+    batch_size: int = 8                        # per process; the paper's total is 1680 (ViT-g). Here more, smaller
+    grad_accum: int = 1                        # steps learn more in the same time (measured: 8 > 16 > 32 > 64)
+    max_steps: int = 3600
     lr_decay_steps: int = 0                    # where the cosine reaches min_lr; 0 = max_steps
     lr: float = 1e-3                           # the paper: 1e-4 for a BERT-base Q-Former
     min_lr: float = 1e-4
@@ -69,8 +69,8 @@ class TrainConfig:
     grad_clip: float = 1.0                     # 0 = off
     # evaluation, logging, checkpoints
     out_dir: str = "out/stage1"
-    log_interval: int = 50
-    eval_interval: int = 400
+    log_interval: int = 200
+    eval_interval: int = 1800
     eval_k_test: int = 16                      # ITM re-ranks the ITC top k (LAVIS: 128 on COCO)
     eval_max_images: int = 1000                # 0 = every image of val_ann / test_ann
     eval_captions: int = 1                     # captions per image; 1 = the shapes world's specific first one, 0 = all
