@@ -172,16 +172,17 @@ class Blip2Stage1(Querying):
         sims = torch.einsum("iqd,td->iqt", img, txt).amax(dim=1).float()  # (N_img, N_txt) raw cosine
         ids, mask = input_ids.to(dev), attention_mask.to(dev)
 
-        def rerank(sims, desc):  # rows: images (i2t) or texts (t2i); each row's k_test best columns get ITM + cosine
+        def rerank(sims, by_image):  # rows: images (i2t) or texts (t2i); each row's k_test best columns: ITM + cosine
             out, n = torch.full_like(sims, -100.0), max(1, 4 * batch_size // k_test)  # n rows per ITM pass
-            for r in tqdm(range(0, len(sims), n), desc=desc, disable=not progress, leave=False):
+            for r in tqdm(range(0, len(sims), n), desc="ITM i2t" if by_image else "ITM t2i", disable=not progress,
+                          leave=False):
                 top, col = sims[r:r + n].topk(min(k_test, sims.size(1)), dim=1)     # (rows, k)
                 row = torch.arange(r, r + len(col), device=col.device).repeat_interleave(col.size(1))
-                i, t = (row, col.flatten()) if desc == "ITM i2t" else (col.flatten(), row)
+                i, t = (row, col.flatten()) if by_image else (col.flatten(), row)
                 itm = self.itm_from_embeds(vit[i.cpu()].to(dev), ids[t], mask[t])[:, 1].float()
                 out[r:r + n].scatter_(1, col, itm.view_as(top) + top)
             return out
-        return rerank(sims, "ITM i2t"), rerank(sims.T, "ITM t2i")
+        return rerank(sims, by_image=True), rerank(sims.T, by_image=False)
 
     # --- loading ----------------------------------------------------------------------------------------
 
