@@ -173,7 +173,7 @@ class Blip2Stage1(Querying):
         ids, mask = input_ids.to(dev), attention_mask.to(dev)
 
         def rerank(sims, by_image):  # rows: images (i2t) or texts (t2i); each row's k_test best columns: ITM + cosine
-            out, n = torch.full_like(sims, -100.0), max(1, 4 * batch_size // k_test)  # n rows per ITM pass
+            out, n = sims.new_full(sims.shape, -100.0), max(1, 4 * batch_size // k_test)  # n rows per ITM pass
             for r in tqdm(range(0, len(sims), n), desc="ITM i2t" if by_image else "ITM t2i", disable=not progress,
                           leave=False):
                 top, col = sims[r:r + n].topk(min(k_test, sims.size(1)), dim=1)     # (rows, k)
