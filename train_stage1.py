@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanoblip2.blip2 import Blip2Stage1
+from nanoblip2.blip2 import Blip2Stage1, NegativePool
 from nanoblip2.cli import parse_args
 from nanoblip2.data import (AnnotationError, CaptionDataset, eval_transform, load_image, load_retrieval,
                             train_transform)
@@ -57,7 +57,7 @@ class TrainConfig:
     # optimisation: the quick start's, ~10 minutes on 2 CPU cores; the paper's are in config/stage1_coco_vitg.json
     batch_size: int = 8                        # per process; the paper's total is 1680 (ViT-g). Here more, smaller
     grad_accum: int = 1                        # steps learn more in the same time (measured: 8 > 16 > 32 > 64)
-    max_steps: int = 3600
+    max_steps: int = 3200
     lr_decay_steps: int = 0                    # where the cosine reaches min_lr; 0 = max_steps
     lr: float = 1e-3                           # the paper: 1e-4 for a BERT-base Q-Former
     min_lr: float = 1e-4
@@ -67,10 +67,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     grad_clip: float = 1.0                     # 0 = off
+    itm_pool: int = 1024                       # ITM's hard negatives come from the batch and this rank's last N
+                                               # samples (blip2.NegativePool); 0 = the batch only, as LAVIS
     # evaluation, logging, checkpoints
     out_dir: str = "out/stage1"
     log_interval: int = 200
-    eval_interval: int = 1800
+    eval_interval: int = 1600
     eval_k_test: int = 16                      # ITM re-ranks the ITC top k (LAVIS: 128 on COCO)
     eval_max_images: int = 1000                # 0 = every image of val_ann / test_ann
     eval_captions: int = 1                     # captions per image; 1 = the shapes world's specific first one, 0 = all
@@ -122,7 +124,9 @@ def main(cfg):
     optimizer = adamw(params, cfg)
     negatives = torch.Generator(device=cfg.device).manual_seed(cfg.seed + rank)  # ITM hard negatives
     torch.manual_seed(cfg.seed + rank)                                            # dropout
-    step, epoch, batch_in_epoch = resume(src, optimizer, negatives, rank) if cfg.init_from == "resume" else (0, 0, 0)
+    pool = NegativePool(cfg.itm_pool) if cfg.itm_pool > 0 else None                 # more candidates for them
+    step, epoch, batch_in_epoch = (resume(src, optimizer, negatives, rank, pool) if cfg.init_from == "resume"
+                                   else (0, 0, 0))
     raw = model
     if cfg.compile:
         model = torch.compile(model)
@@ -135,9 +139,10 @@ def main(cfg):
     dataset = CaptionDataset(cfg.train_ann, cfg.image_root, transform, seed=cfg.seed,
                              captions_per_image=cfg.train_captions)
     stream = Stream(dataset, tok, cfg, rank, world, epoch, batch_in_epoch, verbose=master)
+    image_ids = dataset.image_ids.to(cfg.device)
 
     def save(metrics):
-        rng = random_states(negatives, ddp, world)  # every rank takes part
+        rng = random_states(negatives, ddp, world, pool)  # every rank takes part
         if master:
             config = {"nanoblip2": "stage1", "model": asdict(raw.cfg), "frozen": {"vit": vit_source},
                       "fingerprints": fingerprints, "train": asdict(cfg) | {"bert": bert}}
@@ -156,7 +161,8 @@ def main(cfg):
             b = stream.next()
             last = micro == cfg.grad_accum - 1
             with autocast(cfg), (model.no_sync() if ddp and not last else contextlib.nullcontext()):
-                out = model(b["pixel_values"], b["input_ids"], b["attention_mask"], generator=negatives)
+                out = model(b["pixel_values"], b["input_ids"], b["attention_mask"], generator=negatives,
+                            image_ids=image_ids[b["index"]], pool=pool)
                 (out["loss"] / cfg.grad_accum).backward()
             seen += len(b["input_ids"]) * world
         if cfg.grad_clip > 0:

@@ -232,6 +232,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.transform, self.max_words, self.prompt = transform, max_words, prompt
         self.samples = [(e["image"], c) for e in read_annotations(ann_file)  # (image, caption) pairs
                         for c in entry_captions(e)[:captions_per_image or None]]  # > 0: the first ones only
+        ids = {}  # samples of one image share its id (ITM never pairs them as negatives)
+        self.image_ids = torch.tensor([ids.setdefault(image, len(ids)) for image, _ in self.samples])
 
     def __len__(self):
         return len(self.samples)

@@ -104,23 +104,29 @@ class Stream:
                 return {k: v.to(self.cfg.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
-def random_states(generator, ddp, world):
-    """The random state of dropout and of `generator`, of every rank (a list each), for a checkpoint."""
-    states = {"torch": [torch.get_rng_state()], "generator": [generator.get_state()]}
+def random_states(generator, ddp, world, pool=None):
+    """The random state of dropout and of `generator`, and the NegativePool's samples (stage 1), of every rank (a
+    list each), for a checkpoint."""
+    mine = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if pool is not None:
+        mine["pool"] = pool.state_dict()
+    states = {k: [v] for k, v in mine.items()}
     if ddp:
-        states = {k: [None] * world for k in states}
-        dist.all_gather_object(states["torch"], torch.get_rng_state())
-        dist.all_gather_object(states["generator"], generator.get_state())
+        states = {k: [None] * world for k in mine}
+        for k, v in mine.items():
+            dist.all_gather_object(states[k], v)
     return states
 
 
-def resume(folder, optimizer, generator, rank):
-    """Restore the optimiser and this rank's random states from a checkpoint folder; returns (step, epoch,
-    batch_in_epoch), where the run continues."""
+def resume(folder, optimizer, generator, rank, pool=None):
+    """Restore the optimiser and this rank's random states (and NegativePool) from a checkpoint folder; returns
+    (step, epoch, batch_in_epoch), where the run continues."""
     state = torch.load(os.path.join(folder, "optim.pt"), weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"][rank])
     generator.set_state(state["rng"]["generator"][rank])
+    if pool is not None and "pool" in state["rng"]:
+        pool.load_state_dict(state["rng"]["pool"][rank], device=generator.device)
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     return meta["step"], meta["epoch"], meta["batch_in_epoch"]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from nanoblip2 import qformer as qf
 from nanoblip2 import vit as vt
-from nanoblip2.blip2 import Blip2Stage1, Stage1Config, hard_negatives, itc_loss
+from nanoblip2.blip2 import Blip2Stage1, NegativePool, Stage1Config, hard_negatives, itc_loss
 
 V = 50  # vocabulary incl. [DEC] = 49
 
@@ -53,20 +53,42 @@ def test_itc_with_random_features_is_log_b():
         assert abs(loss.item() - math.log(B)) < 0.05 * math.log(B)
 
 
-def test_hard_negatives_never_pick_the_positive():
+def test_hard_negatives_never_pick_a_pair_of_the_same_image():
     g = torch.Generator().manual_seed(0)
     B, G = 6, 3
     for rank in range(G):
         sim = torch.randn(B, G * B, generator=g)
-        sim[torch.arange(B), torch.arange(B) + rank * B] = 50.0  # the positive is by far the most similar
+        same = torch.zeros(B, G * B, dtype=torch.bool)
+        same[torch.arange(B), torch.arange(B) + rank * B] = True  # the positives
+        same[0, 0] = same[1, G * B - 1] = True                    # other captions of the same image
+        sim[same] = 50.0                                          # by far the most similar
         for _ in range(200):
-            picked = hard_negatives(sim, rank * B, g)
-            assert not (picked == torch.arange(B) + rank * B).any()
+            assert not same[torch.arange(B), hard_negatives(sim, same, g)].any()
     # and they follow the similarities: a much more similar negative is picked far more often
-    sim = torch.zeros(1, 4)
+    sim, same = torch.zeros(1, 4), torch.tensor([[True, False, False, False]])
     sim[0, 2] = 5.0
-    counts = torch.bincount(torch.cat([hard_negatives(sim, 0, g) for _ in range(500)]), minlength=4)
+    counts = torch.bincount(torch.cat([hard_negatives(sim, same, g) for _ in range(500)]), minlength=4)
     assert counts[0] == 0 and counts[2] > 400
+
+
+def itm_by_loops(model, image, ids, mask, neg_img, neg_txt):
+    """The ITM loss of [positives; (neg image, text); (image, neg text)], one pair at a time."""
+    B, Q = len(neg_img), model.query_tokens.size(1)
+    logits = []
+    pairs = [(i, i) for i in range(B)] + [(neg_img[t], t) for t in range(B)] + [(i, neg_txt[i]) for i in range(B)]
+    for im, tx in pairs:
+        h, _ = model.qformer(query_embeds=model.query_tokens, input_ids=ids[tx][None], image=image[im][None],
+                             mask=qf.bidirectional_mask(Q, mask[tx][None]))
+        logits.append(model.itm_head(h[0, :Q]).mean(0))
+    return F.cross_entropy(torch.stack(logits), torch.tensor([1] * B + [0] * 2 * B))
+
+
+def features(model, px, ids, mask):
+    """ViT features after ln_vision, per-query ITC features, text ITC feature."""
+    image = model.ln_vision(model.vit(px))
+    q_out, _ = model.qformer(query_embeds=model.query_tokens.expand(len(px), -1, -1), image=image)
+    t_out, _ = model.qformer(input_ids=ids, mask=qf.text_mask(mask))
+    return image, F.normalize(model.vision_proj(q_out), dim=-1), F.normalize(model.text_proj(t_out[:, 0]), dim=-1)
 
 
 def test_losses_equal_direct_recomputation():
@@ -75,26 +97,16 @@ def test_losses_equal_direct_recomputation():
     B, Q = 4, 5
     out = model(px, ids, mask, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        image = model.ln_vision(model.vit(px))
-        q_out, _ = model.qformer(query_embeds=model.query_tokens.expand(B, -1, -1), image=image)
-        img = F.normalize(model.vision_proj(q_out), dim=-1)
-        t_out, _ = model.qformer(input_ids=ids, mask=qf.text_mask(mask))
-        txt = F.normalize(model.text_proj(t_out[:, 0]), dim=-1)
+        image, img, txt = features(model, px, ids, mask)
         # ITC, by loops: the best query of each image for each text
         sim = torch.tensor([[max(img[i, q] @ txt[t] for q in range(Q)) for t in range(B)] for i in range(B)]) / 0.07
         itc = (smoothed_ce(sim, torch.arange(B)) + smoothed_ce(sim.T, torch.arange(B))) / 2
         assert abs(out["loss_itc"].item() - itc.item()) < 1e-5
         # ITM, with the negatives the same generator draws
         g = torch.Generator().manual_seed(7)
-        neg_img, neg_txt = hard_negatives(sim.T, 0, g), hard_negatives(sim, 0, g)
-        logits = []
-        for im, tx, mk in [(i, i, i) for i in range(B)] + [(neg_img[t], t, t) for t in range(B)] + \
-                          [(i, neg_txt[i], neg_txt[i]) for i in range(B)]:
-            h, _ = model.qformer(query_embeds=model.query_tokens, input_ids=ids[tx][None], image=image[im][None],
-                                 mask=qf.bidirectional_mask(Q, mask[mk][None]))
-            logits.append(model.itm_head(h[0, :Q]).mean(0))
-        itm = F.cross_entropy(torch.stack(logits), torch.tensor([1] * B + [0] * 2 * B))
-        assert abs(out["loss_itm"].item() - itm.item()) < 1e-5
+        eye = torch.eye(B, dtype=torch.bool)
+        neg_img, neg_txt = hard_negatives(sim.T, eye, g), hard_negatives(sim, eye, g)
+        assert abs(out["loss_itm"].item() - itm_by_loops(model, image, ids, mask, neg_img, neg_txt).item()) < 1e-5
         # ITG, as one pass over [queries; [DEC] caption] with the UniLM mask, shifted by one, padding ignored
         dec = ids.clone()
         dec[:, 0] = V - 1
@@ -105,6 +117,39 @@ def test_losses_equal_direct_recomputation():
         itg = smoothed_ce(logits[keep], dec[:, 1:][keep])
         assert abs(out["loss_itg"].item() - itg.item()) < 1e-5
     assert torch.allclose(out["loss"], out["loss_itc"] + out["loss_itm"] + out["loss_itg"])
+
+
+def test_negative_pool_adds_the_last_samples_as_itm_candidates():
+    model = tiny_model().train()
+    pool = NegativePool(size=6)
+    (px1, ids1, mask1), (px2, ids2, mask2) = batch(seed=1), batch(seed=2, T=9)
+    ids_img1, ids_img2 = torch.tensor([10, 11, 12, 13]), torch.tensor([20, 21, 11, 22])  # image 11 in both
+    # an empty pool changes nothing; then it holds the batch, newest first
+    out1 = model(px1, ids1, mask1, generator=torch.Generator().manual_seed(7), image_ids=ids_img1, pool=pool)
+    ref = model(px1, ids1, mask1, generator=torch.Generator().manual_seed(7), image_ids=ids_img1)
+    assert torch.equal(out1["loss"], ref["loss"]) and pool.items["image_ids"].tolist() == [10, 11, 12, 13]
+    assert torch.equal(pool.items["txt_feat"], features(model, px1, ids1, mask1)[2])
+    full = pool.state_dict()
+    with torch.no_grad():  # the candidates: batch 2, then batch 1 (padded to 9 tokens); image 11 never with image 11
+        image, img, txt = features(model, torch.cat([px2, px1]), torch.cat([ids2, F.pad(ids1, (0, 2))]),
+                                   torch.cat([mask2, F.pad(mask1, (0, 2))]))
+        sim = torch.einsum("iqd,td->iqt", img, txt).amax(1) / 0.07   # (8 images, 8 texts)
+        same = ids_img2[:, None] == torch.cat([ids_img2, ids_img1])[None, :]
+        assert same.sum() == 5
+        ids, mask = torch.cat([ids2, F.pad(ids1, (0, 2))]), torch.cat([mask2, F.pad(mask1, (0, 2))])
+        from_pool = 0
+        for seed in range(4):
+            pool.load_state_dict(full)  # batch 1, as after step 1
+            out2 = model(px2, ids2, mask2, generator=torch.Generator().manual_seed(seed), image_ids=ids_img2, pool=pool)
+            g = torch.Generator().manual_seed(seed)
+            neg_img, neg_txt = hard_negatives(sim[:, :4].T, same, g), hard_negatives(sim[:4], same, g)
+            from_pool += (neg_img >= 4).sum() + (neg_txt >= 4).sum()
+            assert abs(out2["loss_itm"].item() - itm_by_loops(model, image, ids, mask, neg_img, neg_txt).item()) < 1e-5
+        assert from_pool > 0
+    # a ring buffer: batch 2 went into rows 4, 5, 0, 1
+    assert pool.items["image_ids"].tolist() == [11, 22, 12, 13, 20, 21] and pool.items["input_ids"].shape == (6, 9)
+    with pytest.raises(ValueError, match="image_ids"):
+        model(px1, ids1, mask1, pool=pool)
 
 
 def test_gradients_reach_the_trainable_parts_only():
