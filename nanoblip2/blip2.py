@@ -358,9 +358,10 @@ class NegativePool:
         for k in ("input_ids", "attention_mask"):  # texts of another length: pad the shorter side
             if batch[k].size(1) != self.buffers[k].size(1):
                 self.buffers[k], batch[k] = _pad_cat(self.buffers[k], batch[k]).split([self.size, len(batch[k])])
-        rows = (self.next + torch.arange(len(batch["image_ids"]))) % self.size
+        ids = batch["image_ids"]
+        rows = (self.next + torch.arange(len(ids), device=ids.device)) % self.size
         for k, v in batch.items():
-            self.buffers[k][rows.to(v.device)] = v
+            self.buffers[k][rows] = v
         self.next, self.filled = (self.next + len(rows)) % self.size, min(self.size, self.filled + len(rows))
 
     def state_dict(self):
@@ -368,12 +369,9 @@ class NegativePool:
 
     def load_state_dict(self, state, device=None):
         self.buffers, self.filled, self.next = None, 0, 0
-        if state["items"]:
-            items = {k: v.to(device) for k, v in state["items"].items()}
-            self.buffers = {k: v.new_zeros(self.size, *v.shape[1:]) for k, v in items.items()}
-            for k, v in items.items():
-                self.buffers[k][:len(v)] = v
-            self.filled, self.next = len(items["image_ids"]), state["next"]
+        if state["items"]:  # the saved rows back into rows 0.., then the write position as it was
+            self.push(**{k: v.to(device) for k, v in state["items"].items()})
+            self.next = state["next"]
 
 
 def _distributed():

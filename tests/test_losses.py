@@ -124,7 +124,7 @@ def test_negative_pool_adds_the_last_samples_as_itm_candidates():
     pool = NegativePool(size=6)
     (px1, ids1, mask1), (px2, ids2, mask2) = batch(seed=1), batch(seed=2, T=9)
     ids_img1, ids_img2 = torch.tensor([10, 11, 12, 13]), torch.tensor([20, 21, 11, 22])  # image 11 in both
-    # an empty pool changes nothing; then it holds the batch, newest first
+    # an empty pool changes nothing; then it holds the batch
     out1 = model(px1, ids1, mask1, generator=torch.Generator().manual_seed(7), image_ids=ids_img1, pool=pool)
     ref = model(px1, ids1, mask1, generator=torch.Generator().manual_seed(7), image_ids=ids_img1)
     assert torch.equal(out1["loss"], ref["loss"]) and pool.items["image_ids"].tolist() == [10, 11, 12, 13]
