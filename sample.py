@@ -37,11 +37,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from nanoblip2.blip2 import Blip2, num_params
+from nanoblip2.load import num_params
+from nanoblip2.stage2 import Blip2
 from nanoblip2.cli import parse_args
 from nanoblip2.data import (AnnotationError, ImageError, entry_captions, load_image, open_image, read_annotations,
                             to_rgb)
-from nanoblip2.load import CheckpointError, HubError
+from nanoblip2.hub import HubError
+from nanoblip2.load import CheckpointError
 from nanoblip2.metrics import caption_scores, scene_accuracy, vqa_score
 
 QUICK_START = "out/stage2/ckpt"  # where train_stage2.py's defaults write

@@ -21,12 +21,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanoblip2.blip2 import Blip2Stage1, NegativePool
+from nanoblip2.stage1 import Blip2Stage1
+from nanoblip2.training import NegativePool
 from nanoblip2.cli import parse_args
 from nanoblip2.data import (AnnotationError, CaptionDataset, eval_transform, load_image, load_retrieval,
                             train_transform)
-from nanoblip2.load import (CheckpointError, HubError, checkpoint_folder, fingerprint, read_config, resolve,
-                           save_checkpoint)
+from nanoblip2.checkpoint import checkpoint_folder, fingerprint, save_checkpoint
+from nanoblip2.hub import HubError, resolve
+from nanoblip2.load import CheckpointError, read_config
 from nanoblip2.metrics import retrieval_recall
 from nanoblip2.tokenizer import load_bert_tokenizer
 from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, resume,

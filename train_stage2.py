@@ -23,12 +23,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanoblip2.blip2 import Blip2, Blip2Stage1, opt_batch, t5_batch
+from nanoblip2.data import opt_batch, t5_batch
+from nanoblip2.stage1 import Blip2Stage1
+from nanoblip2.stage2 import Blip2
 from nanoblip2.cli import parse_args
 from nanoblip2.data import (AnnotationError, CaptionDataset, entry_captions, eval_transform, load_image,
                             read_annotations, train_transform)
-from nanoblip2.load import (CheckpointError, HubError, checkpoint_folder, fingerprint, read_config, resolve,
-                           save_checkpoint)
+from nanoblip2.checkpoint import checkpoint_folder, fingerprint, save_checkpoint
+from nanoblip2.hub import HubError, resolve
+from nanoblip2.load import CheckpointError, read_config
 from nanoblip2.metrics import caption_scores, scene_accuracy
 from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, resume,
                                 setup)

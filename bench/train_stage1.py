@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanoblip2 import qformer as qf  # noqa: E402
 from nanoblip2 import vit as vt  # noqa: E402
-from nanoblip2.blip2 import Blip2Stage1, Stage1Config  # noqa: E402
+from nanoblip2.stage1 import Blip2Stage1, Stage1Config  # noqa: E402
 from nanoblip2.cli import parse_args  # noqa: E402
 
 ROWS = {  # name: (ViT, Q-Former, batch)

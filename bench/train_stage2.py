@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.generate import build, rss_mb  # noqa: E402
-from nanoblip2.blip2 import opt_batch  # noqa: E402
+from nanoblip2.data import opt_batch  # noqa: E402
 from nanoblip2.cli import parse_args  # noqa: E402
 from nanoblip2.tokenizer import load_opt_tokenizer  # noqa: E402
 

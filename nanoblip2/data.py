@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -282,3 +283,45 @@ def load_retrieval(ann_file, image_root, max_words=50, max_images=0, captions_pe
         txt2img += [i] * len(captions)
         texts += [pre_caption(c, max_words) for c in captions]
     return images, texts, img2txt, txt2img
+
+
+# -----------------------------------------------------------------------------
+# text batches for the LLMs (stage 2) and token padding
+
+def opt_batch(tokenizer, captions, prompt="", max_length=32, num_queries=32):
+    """OPT training text (LAVIS blip2_opt.py): BOS + prompt + " " + caption + "\n", right-padded. labels (B, Q + T) are
+    -100 on the queries, on BOS + prompt when a prompt is set (with no prompt LAVIS trains the last query to predict
+    BOS), and on padding: the loss is on the caption and its "\n"."""
+    ids, mask = tokenizer([f"{prompt} {c}\n" if prompt else c + "\n" for c in captions], max_length=max_length)
+    labels = ids.masked_fill(mask == 0, -100)
+    if prompt:
+        labels[:, :len(tokenizer([prompt], truncation=False)[0][0])] = -100  # BOS + prompt tokens
+    labels = torch.cat([torch.full((len(captions), num_queries), -100), labels], dim=1)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def prefix_split(caption, generator=None):
+    """FlanT5 pre-training's prefix LM (LAVIS #139): split at a word boundary k drawn from [1, n // 2]; the prefix goes
+    to the encoder, the rest is the target. A caption of one word is all target."""
+    words = caption.split()
+    if len(words) < 2:
+        return "", caption
+    k = int(torch.randint(1, len(words) // 2 + 1, (1,), generator=generator))
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+def t5_batch(tokenizer, captions, prompt=None, max_length=32, generator=None):
+    """FlanT5 training text: with a fixed prompt (captioning) the encoder reads the prompt and the target is the whole
+    caption; without, each caption is split into prefix and suffix. Both sides end with </s>; padding -> -100."""
+    pairs = [(prompt, c) if prompt is not None else prefix_split(c, generator) for c in captions]
+    ids, mask = tokenizer([p for p, _ in pairs], max_length=max_length)
+    out, out_mask = tokenizer([s for _, s in pairs], max_length=max_length)
+    return dict(input_ids=ids, attention_mask=mask, labels=out.masked_fill(out_mask == 0, -100))
+
+
+
+def pad_cat(*ts):
+    """Concatenate (n, T_i) token tensors along dim 0, right-padded with 0 (the mask hides it) to the longest T."""
+    T = max(t.size(1) for t in ts)
+    return torch.cat([F.pad(t, (0, T - t.size(1))) for t in ts])
+

@@ -44,7 +44,8 @@ from . import opt as op
 from . import qformer as qf
 from . import t5 as t5m
 from . import vit as vt
-from .blip2 import Blip2, Blip2Stage1
+from .stage1 import Blip2Stage1
+from .stage2 import Blip2
 from .load import _template_regex
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]

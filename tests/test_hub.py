@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanoblip2.load import HubError, hub_cache, resolve, safetensors_files
+from nanoblip2.hub import HubError, hub_cache, resolve
+from nanoblip2.load import safetensors_files
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -8,8 +8,10 @@ from safetensors.torch import load_file, save_file
 
 from nanoblip2 import qformer as qf
 from nanoblip2 import vit as vt
-from nanoblip2.blip2 import Blip2Stage1, num_params
-from nanoblip2.load import CheckpointError, build_empty, check_frozen, fingerprint
+from nanoblip2.load import num_params
+from nanoblip2.stage1 import Blip2Stage1
+from nanoblip2.checkpoint import check_frozen, fingerprint
+from nanoblip2.load import CheckpointError, build_empty
 
 
 def tampered(folder, tmp_path, edit):

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from nanoblip2 import qformer as qf
 from nanoblip2 import vit as vt
-from nanoblip2.blip2 import Blip2Stage1, NegativePool, Stage1Config, hard_negatives, itc_loss
+from nanoblip2.stage1 import Blip2Stage1, Stage1Config, hard_negatives, itc_loss
+from nanoblip2.training import NegativePool
 
 V = 50  # vocabulary incl. [DEC] = 49
 

@@ -7,7 +7,7 @@ from conftest import pixels, text_batch
 
 from nanoblip2 import qformer as qf
 from nanoblip2 import vit as vt
-from nanoblip2.blip2 import Blip2Stage1
+from nanoblip2.stage1 import Blip2Stage1
 from nanoblip2.load import load_weights
 
 TOL = 1e-5

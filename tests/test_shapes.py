@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanoblip2.blip2 import Blip2, Blip2Stage1
+from nanoblip2 import Blip2, Blip2Stage1
 from nanoblip2.data import CaptionDataset, eval_transform, load_image, load_retrieval, pre_caption
 from nanoblip2.tokenizer import load_bert_tokenizer, load_opt_tokenizer, load_t5_tokenizer
 from nanoblip2.metrics import vqa_normalize
@@ -246,6 +246,6 @@ def test_pretrained_models_load_into_stage1_and_stage2(tmp_path):
     stage2 = Blip2.from_stage1(stage1, str(out / "opt"))
     assert stage2.cfg.lm.vocab_size % 8 == 0 and stage2.cfg.lm.vocab_size >= len(load_opt_tokenizer(out / "opt"))
     assert stage2.cfg.lm.word_embed_proj_dim == stage2.cfg.lm.width  # a plain OPT, no project_in/out
-    from nanoblip2.blip2 import opt_batch
+    from nanoblip2.data import opt_batch
     loss = stage2(pixels, opt_batch(stage2.tokenizer, [e["caption"][0] for e in entries], num_queries=4))["loss"]
     assert torch.isfinite(loss) and loss > 0

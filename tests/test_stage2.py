@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from conftest import CAPTIONS, pixels
 
 from nanoblip2 import Blip2, Blip2Stage1
-from nanoblip2.blip2 import opt_batch, prefix_split, t5_batch
+from nanoblip2.data import opt_batch, prefix_split, t5_batch
 
 Q = 5
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from nanoblip2.blip2 import Blip2Stage1
+from nanoblip2.stage1 import Blip2Stage1
 from nanoblip2.load import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,292 @@
+"""
+Stage 1 of BLIP-2 (paper §3.2, Figure 2): vision-language representation learning from a frozen image encoder.
+`Querying` (frozen ViT -> ln_vision -> 32 learned queries through the Q-Former) is what both stages share;
+`Blip2Stage1` adds the Q-Former's text branch and the ITC, ITM and ITG heads and losses.
+Matches HF `Blip2ForImageTextRetrieval` and LAVIS `blip2_qformer.py`.
+
+Notable details
+- `ln_vision` (HF `vision_model.post_layernorm`) normalises the frozen ViT's output and is trained with the
+  Q-Former. Its eps is read from the checkpoint (HF 1e-6); a fresh one uses LAVIS's 1e-5.
+- The stage-1 losses follow LAVIS, with two deviations stated where they happen (docs/reference.md): `temp` is
+  clamped, and the ITC gather across GPUs keeps its gradients. A third is opt-in: extra candidates for ITM's hard
+  negatives (`training.NegativePool`), for batches far smaller than the paper's.
+- ITC similarity is the max over the 32 queries of the cosine between each query's projected feature and the
+  projected [CLS] of the text (raw cosine at inference, divided by `temp` only when training).
+- ITM logits are the 2-way head averaged over the 32 query outputs of a bidirectional [queries; text] pass.
+- HF retrieval checkpoints have no ITG head, so a model loaded from one has `qformer.lm_head = None`.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from dataclasses import dataclass, field
+from tqdm import tqdm
+
+from . import qformer as qf
+from . import vit as vt
+from .checkpoint import check_frozen
+from .data import pad_cat
+from .hub import resolve
+from .load import CheckpointError, build_empty, load_weights, read_config
+from .training import _gather, _rows
+
+
+@dataclass
+class Stage1Config:
+    vit: vt.ViTConfig = field(default_factory=vt.ViTConfig)
+    qformer: qf.QFormerConfig = field(default_factory=qf.QFormerConfig)
+    embed_dim: int = 256          # ITC projection width
+    ln_vision_eps: float = 1e-5
+    dec_id: int = 30522           # [DEC], the ITG start token: BERT's vocabulary size
+    pad_id: int = 0               # [PAD]
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**(d | dict(vit=vt.ViTConfig(**d["vit"]), qformer=qf.QFormerConfig(**d["qformer"]))))
+
+
+class Querying(nn.Module):
+    """What both stages share (Figure 2, left): the frozen ViT, ln_vision, and the learned queries that read the
+    image through the Q-Former's cross-attention."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.vit = vt.ViT(cfg.vit)
+        self.ln_vision = nn.LayerNorm(cfg.vit.width, eps=cfg.ln_vision_eps)
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.qformer.num_query_tokens, cfg.qformer.width))
+        nn.init.normal_(self.query_tokens, std=0.02)
+        self.qformer = qf.QFormer(cfg.qformer)
+
+    def image_embeds(self, pixel_values):  # (B, 3, S, S) -> (B, N, Cv); no graph when the ViT is frozen
+        return self.ln_vision(self.vit(pixel_values))
+
+    def queries(self, image):  # (B, N, Cv) -> query outputs (B, Q, C) and their self-attention K/V per layer
+        return self.qformer(query_embeds=self.query_tokens.expand(image.size(0), -1, -1), image=image)
+
+    @staticmethod
+    def hf_table(cfg):
+        """Our keys -> HF BLIP-2 keys for this part; the subclasses add theirs. Used to load and to export."""
+        table = {"vit." + k: v for k, v in vt.hf_keys(cfg.vit)["table"].items()}
+        table |= {"qformer." + k: v for k, v in qf.hf_table(cfg.qformer).items()}
+        return table | {"query_tokens": "query_tokens", "ln_vision.weight": "vision_model.post_layernorm.weight",
+                        "ln_vision.bias": "vision_model.post_layernorm.bias"}
+
+
+class Blip2Stage1(Querying):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.vision_proj = nn.Linear(cfg.qformer.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.qformer.width, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.qformer.width, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+
+    # --- building blocks --------------------------------------------------------------------------------
+
+    def image_feats(self, image):  # (B, N, Cv) -> normalised per-query features (B, Q, D)
+        return F.normalize(self.vision_proj(self.queries(image)[0]), dim=-1)
+
+    def text_feat(self, input_ids, attention_mask):  # (B, T) -> normalised [CLS] feature (B, D)
+        h, _ = self.qformer(input_ids=input_ids, mask=qf.text_mask(attention_mask))
+        return F.normalize(self.text_proj(h[:, 0]), dim=-1)
+
+    def itm_from_embeds(self, image, input_ids, attention_mask):  # -> (B, 2)
+        Q = self.query_tokens.expand(image.size(0), -1, -1)
+        h, _ = self.qformer(query_embeds=Q, input_ids=input_ids, image=image,
+                            mask=qf.bidirectional_mask(Q.size(1), attention_mask))
+        return self.itm_head(h[:, :Q.size(1)]).mean(dim=1)
+
+    # --- training: the three stage-1 losses (§3.2, LAVIS blip2_qformer.py:90-275) ---------------------------
+
+    def forward(self, pixel_values, input_ids, attention_mask, generator=None, image_ids=None, pool=None):
+        """pixel_values (B, 3, S, S); input_ids (B, T) = [CLS] caption [SEP], padded; generator: for the ITM negatives;
+        image_ids (B,): samples of one image share an id and are never each other's negatives (LAVIS's image_id
+        branch; None: every sample is its own image); pool: a NegativePool, more candidates for the ITM negatives.
+        Returns a dict with loss = loss_itc + loss_itm + loss_itg (equal weights, as LAVIS)."""
+        B = pixel_values.size(0)
+        vit = self.vit(pixel_values)                                        # frozen: no graph
+        image = self.ln_vision(vit)                                         # (B, N, Cv)
+        q_out, past = self.queries(image)                                   # the queries' K/V are reused by ITG
+        Q = q_out.size(1)
+        img_feats = F.normalize(self.vision_proj(q_out), dim=-1)            # (B, Q, D)
+        txt_feat = self.text_feat(input_ids, attention_mask)                # (B, D)
+
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)  # Deviation from LAVIS: clamped as in BLIP-1 (and kept out of weight decay)
+        loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp)
+
+        # ITM: every pair once positive, then a hard negative image for each text and a hard negative text for
+        # each image, drawn from the softmax of the ITC similarities with the pairs of the same image masked out.
+        # Candidates: the batch of every rank, then this rank's pool (when given)
+        if pool is not None and image_ids is None:
+            raise ValueError("a NegativePool needs the image_ids of the samples")
+        own = image_ids if image_ids is not None else torch.arange(B, device=input_ids.device) + _rows()[0]
+        cand_ids = _gather(own, grad=False)                                 # the candidates' image ids
+        image_all = _gather(image)                                          # ViT features of all ranks
+        ids_all, mask_all = _gather(input_ids, grad=False), _gather(attention_mask, grad=False)
+        n, p = len(image_all), pool.items if pool is not None else None
+        if p is not None:
+            with torch.no_grad():
+                pool_t2i = torch.einsum("bd,mqd->bmq", txt_feat, p["img_feats"]).amax(dim=2) / self.temp
+                pool_i2t = torch.einsum("bqd,md->bqm", img_feats, p["txt_feat"]).amax(dim=1) / self.temp
+            sim_t2i, sim_i2t = torch.cat([sim_t2i, pool_t2i], 1), torch.cat([sim_i2t, pool_i2t], 1)
+            cand_ids = torch.cat([cand_ids, p["image_ids"]])
+            ids_all, mask_all = pad_cat(ids_all, p["input_ids"]), pad_cat(mask_all, p["attention_mask"])
+        same = own[:, None] == cand_ids[None, :]
+        neg_img = hard_negatives(sim_t2i, same, generator)                  # (B,) indices into the candidates
+        neg_txt = hard_negatives(sim_i2t, same, generator)
+        image_neg = image_all[neg_img.clamp(max=n - 1)]
+        if p is not None:  # a pool image is its ViT output through today's ln_vision
+            image_neg = torch.where((neg_img >= n)[:, None, None],
+                                    self.ln_vision(p["vit"][(neg_img - n).clamp(min=0)]), image_neg)
+        if pool is not None:
+            pool.push(vit=vit, input_ids=input_ids, attention_mask=attention_mask, image_ids=own,
+                      img_feats=img_feats, txt_feat=txt_feat)
+        images = torch.cat([image, image_neg, image])
+        ids = pad_cat(input_ids, input_ids, ids_all[neg_txt])
+        masks = pad_cat(attention_mask, attention_mask, mask_all[neg_txt])
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
+        loss_itm = F.cross_entropy(self.itm_from_embeds(images, ids, masks), labels)
+
+        # ITG: caption the image, [CLS] -> [DEC], text sees the queries (through their cached K/V) and its past
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.cfg.dec_id
+        h, _ = self.qformer(input_ids=dec_ids, mask=qf.multimodal_causal_mask(Q, attention_mask)[:, Q:], past=past)
+        logits = self.qformer.logits(h[:, :-1])
+        target = dec_ids[:, 1:].masked_fill(dec_ids[:, 1:] == self.cfg.pad_id, -100)
+        loss_itg = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, label_smoothing=0.1)
+        return dict(loss=loss_itc + loss_itm + loss_itg, loss_itc=loss_itc, loss_itm=loss_itm, loss_itg=loss_itg)
+
+    # --- public scoring ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def itm_logits(self, pixel_values, input_ids, attention_mask):
+        """Image-text matching logits (B, 2), one image per text; softmax(...)[:, 1] is P(match)."""
+        return self.itm_from_embeds(self.image_embeds(pixel_values), input_ids, attention_mask)
+
+    @torch.no_grad()
+    def itc_similarity(self, pixel_values, input_ids, attention_mask):
+        """Raw cosine similarity (B_img, B_txt), max over queries."""
+        img = self.image_feats(self.image_embeds(pixel_values))  # (Bi, Q, D)
+        txt = self.text_feat(input_ids, attention_mask)          # (Bt, D)
+        return torch.einsum("iqd,td->iqt", img, txt).amax(dim=1)
+
+    @torch.no_grad()
+    def retrieval_scores(self, pixels, input_ids, attention_mask, k_test=128, batch_size=32, progress=True):
+        """Image-text retrieval as LAVIS evaluates it (SPEC §5). pixels (N_img, 3, S, S) or a list of them; texts
+        tokenised to a fixed length (LAVIS: 35). Every pair gets its ITC cosine; the k_test best texts of each image
+        (and images of each text) are re-ranked by ITM: score = ITM positive logit + ITC cosine, the rest -100.
+        Returns scores_i2t (N_img, N_txt) and scores_t2i (N_txt, N_img)."""
+        dev = self.query_tokens.device
+        dtype = self.query_tokens.dtype
+        batches = lambda n: tqdm(range(0, n, batch_size), disable=not progress, leave=False)
+        txt = torch.cat([self.text_feat(input_ids[i:i + batch_size].to(dev), attention_mask[i:i + batch_size].to(dev))
+                         for i in batches(len(input_ids))])
+        vit, img = [], []
+        for i in batches(len(pixels)):
+            px = torch.stack(list(pixels[i:i + batch_size])).to(dev, dtype)
+            vit.append(self.image_embeds(px).cpu())  # kept on the CPU, as LAVIS
+            img.append(self.image_feats(vit[-1].to(dev)))
+        vit, img = torch.cat(vit), torch.cat(img)
+        sims = torch.einsum("iqd,td->iqt", img, txt).amax(dim=1).float()  # (N_img, N_txt) raw cosine
+        ids, mask = input_ids.to(dev), attention_mask.to(dev)
+
+        def rerank(sims, by_image):  # rows: images (i2t) or texts (t2i); each row's k_test best columns: ITM + cosine
+            out, n = sims.new_full(sims.shape, -100.0), max(1, 4 * batch_size // k_test)  # n rows per ITM pass
+            for r in tqdm(range(0, len(sims), n), desc="ITM i2t" if by_image else "ITM t2i", disable=not progress,
+                          leave=False):
+                top, col = sims[r:r + n].topk(min(k_test, sims.size(1)), dim=1)     # (rows, k)
+                row = torch.arange(r, r + len(col), device=col.device).repeat_interleave(col.size(1))
+                i, t = (row, col.flatten()) if by_image else (col.flatten(), row)
+                itm = self.itm_from_embeds(vit[i.cpu()].to(dev), ids[t], mask[t])[:, 1].float()
+                out[r:r + n].scatter_(1, col, itm.view_as(top) + top)
+            return out
+        return rerank(sims, by_image=True), rerank(sims.T, by_image=False)
+
+    # --- loading ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def hf_table(cfg):
+        """Our keys -> HF Blip2ForImageTextRetrieval keys (no temp, no ITG head there)."""
+        heads = {"vision_proj": "vision_projection", "text_proj": "text_projection", "itm_head": "itm_head"}
+        return Querying.hf_table(cfg) | {f"{ours}.{p}": f"{hf}.{p}" for ours, hf in heads.items()
+                                         for p in ("weight", "bias")}
+
+    @classmethod
+    def from_pretrained(cls, src, image_size=None, device="cpu", dtype=None):
+        """From an HF `Blip2ForImageTextRetrieval` folder (e.g. Salesforce/blip2-itm-vit-g) or one of our own
+        stage-1 checkpoints."""
+        src = resolve(src)
+        d = read_config(src)
+        if d.get("nanoblip2") == "stage1":
+            return cls._from_checkpoint(src, d, device, dtype)
+        if d.get("model_type") != "blip-2" or not d["qformer_config"].get("use_qformer_text_input"):
+            raise CheckpointError(f"{src}: not a BLIP-2 image-text retrieval checkpoint "
+                                  f"(model_type={d.get('model_type')!r}); stage-2 folders load with Blip2")
+        cfg = Stage1Config(vit=vt.ViTConfig.from_hf(d, image_size), qformer=qf.QFormerConfig.from_hf_blip2(d),
+                           embed_dim=d.get("image_text_hidden_size", 256),
+                           ln_vision_eps=d["vision_config"]["layer_norm_eps"])
+        model = build_empty(cls, cfg, device, dtype)
+        table = cls.hf_table(cfg)
+        load_weights(model, src, table, fresh=["temp"])
+        with torch.no_grad():
+            model.temp.fill_(0.07)  # not stored in HF checkpoints
+        return model.eval()
+
+    @classmethod
+    def _from_checkpoint(cls, folder, d, device="cpu", dtype=None):
+        """Our folder: the trainable tensors from model.safetensors, a frozen ViT from the source config.json names."""
+        check_frozen(folder, d)
+        cfg = Stage1Config.from_dict(d["model"])
+        model = build_empty(cls, cfg, device, dtype)
+        vit_src = d.get("frozen", {}).get("vit")
+        if vit_src:
+            load_weights(model.vit, resolve(vit_src), **vt.hf_keys(cfg.vit))
+        table = {k: k for k in model.state_dict() if not (vit_src and k.startswith("vit."))}
+        load_weights(model, folder, table, fresh=["vit.*"] if vit_src else [])
+        return model.eval()
+
+    @classmethod
+    def from_vit_bert(cls, vit_src, bert_src, num_query_tokens=32, cross_attention_freq=2, image_size=None,
+                      device="cpu"):
+        """For training from scratch: the ViT of a BLIP-2 or CLIP folder, and a Q-Former initialised from BERT."""
+        vit_src, bert_src = resolve(vit_src), resolve(bert_src)
+        vcfg = vt.ViTConfig.from_hf(read_config(vit_src), image_size)
+        qcfg = qf.QFormerConfig.from_hf_bert(read_config(bert_src), vcfg.width, num_query_tokens, cross_attention_freq)
+        model = build_empty(cls, Stage1Config(vit=vcfg, qformer=qcfg, dec_id=qcfg.vocab_size - 1), device)
+        load_weights(model.vit, vit_src, **vt.hf_keys(vcfg))
+        # everything but the ViT starts fresh; then BERT overwrites what it provides
+        model.qformer.apply(qf.QFormer._init_weights)
+        for m in (model.vision_proj, model.text_proj, model.itm_head):
+            qf.QFormer._init_weights(m)
+        model.ln_vision.reset_parameters()
+        with torch.no_grad():
+            model.query_tokens.normal_(std=0.02)
+            model.temp.fill_(0.07)
+        load_weights(model.qformer, bert_src, qf.bert_table(qcfg), ignore=qf.BERT_IGNORE, fresh=qf.BERT_FRESH,
+                     canon=qf.bert_canon)
+        return model
+
+
+
+def itc_loss(img_feats, txt_feat, temp):
+    """Image-text contrastive loss. img_feats (B, Q, D) and txt_feat (B, D) normalised, this rank's rows.
+    Each image is scored against every text of every rank and back; a pair's score is its best query.
+    Deviation from LAVIS (SPEC §10): the gather keeps gradients, so G ranks of B equal one process of G*B.
+    Returns the loss and the temp-scaled similarities (B, G*B) both ways, for the ITM negatives."""
+    img_all, txt_all = _gather(img_feats), _gather(txt_feat)                          # (G*B, Q, D), (G*B, D)
+    sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B)
+    sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B)
+    targets = torch.arange(img_feats.size(0), device=sim_i2t.device) + _rows()[0]
+    loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) +
+            F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+def hard_negatives(sim, same, generator=None):
+    """sim (B, N): temp-scaled ITC similarities of this rank's rows against the candidates; same (B, N) bool: the
+    pairs of one image (the row's own positive among them). One index per row, drawn with probability softmax(sim)
+    over the other candidates."""
+    with torch.no_grad():
+        w = sim.float().masked_fill(same, -10000.0)  # exp(-10000) is exactly 0 in fp32
+        return torch.multinomial(w.softmax(dim=1), 1, generator=generator).squeeze(1)
+

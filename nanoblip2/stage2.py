@@ -1,0 +1,284 @@
+"""
+Stage 2 of BLIP-2 (paper §3.3, Figure 3): vision-to-language generative learning from a frozen LLM. The 32 query
+outputs, projected by one linear layer, are a soft visual prompt for a frozen OPT or FlanT5.
+Matches HF `Blip2ForConditionalGeneration` and LAVIS `blip2_opt.py` / `blip2_t5.py`.
+"""
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from . import opt as op
+from . import qformer as qf
+from . import t5 as t5m
+from . import vit as vt
+from .checkpoint import check_frozen
+from .data import load_image
+from .generate import generate
+from .hub import resolve
+from .load import CheckpointError, build_empty, load_weights, read_config, safetensors_files
+from .stage1 import Blip2Stage1, Querying
+from .tokenizer import load_opt_tokenizer, load_t5_tokenizer
+
+
+@dataclass
+class Blip2Config:
+    vit: vt.ViTConfig
+    qformer: qf.QFormerConfig     # the stage-2 form: no text branch
+    lm: object                    # OPTConfig or T5Config
+    ln_vision_eps: float = 1e-5
+    image_token_index: int | None = None  # HF >= 2024 folders mark the query slots with this token; we need no slots
+
+    @classmethod
+    def from_dict(cls, d):
+        lm = (t5m.T5Config if d["lm_kind"] == "t5" else op.OPTConfig)(**d["lm"])
+        return cls(vit=vt.ViTConfig(**d["vit"]), qformer=qf.QFormerConfig(**d["qformer"]), lm=lm,
+                   ln_vision_eps=d["ln_vision_eps"], image_token_index=d.get("image_token_index"))
+
+    def to_dict(self):
+        return dataclasses.asdict(self) | {"lm_kind": "t5" if isinstance(self.lm, t5m.T5Config) else "opt"}
+
+
+class Blip2(Querying):
+    """
+    Notable details
+    - OPT (decoder-only): the LLM input is [queries; BOS + prompt]; the answer ends at "\\n" (LAVIS). Batched prompts
+      are left-padded and the padding goes before the queries, so the model sees the HF layout.
+    - FlanT5 (encoder-decoder): the encoder reads [queries; prompt + </s>], the decoder starts from <pad> = 0.
+      Never run in fp16: the feed-forward activations overflow (use bf16 or fp32).
+    - `generate` returns new token ids only, padded with the pad id.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.is_t5 = isinstance(cfg.lm, t5m.T5Config)
+        self.lm = t5m.T5(cfg.lm) if self.is_t5 else op.OPT(cfg.lm)
+        # into the LLM's input embedding space (for OPT that is word_embed_proj_dim, = width in every BLIP-2 OPT)
+        self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.d_model if self.is_t5 else cfg.lm.word_embed_proj_dim)
+        self.tokenizer = None  # set by from_pretrained
+        self.end_id = cfg.lm.eos_id  # OPT: "\n" (LAVIS), from the tokenizer when there is one
+
+    def visual_prompt(self, pixel_values):  # (B, 3, S, S) -> the soft visual prompt (B, Q, C_lm)
+        return self.language_projection(self.queries(self.image_embeds(pixel_values))[0])
+
+    # --- training: generative learning (§3.3, LAVIS blip2_opt.py / blip2_t5.py forward) -----------------------
+
+    def forward(self, pixel_values, batch):
+        """pixel_values (B, 3, S, S); batch from `opt_batch` or `t5_batch`. Returns dict(loss=...), the language
+        modelling loss of the caption given the soft visual prompt. The frozen LLM passes gradients through."""
+        prompt = self.visual_prompt(pixel_values)                                      # (B, Q, C)
+        B, Q = prompt.shape[:2]
+        if self.is_t5:  # prefix LM: [queries; prefix </s>] -> suffix </s>
+            embeds = torch.cat([prompt, self.lm.embed(batch["input_ids"]).to(prompt.dtype)], dim=1)
+            mask = torch.cat([batch["attention_mask"].new_ones(B, Q), batch["attention_mask"]], dim=1)
+            enc = self.lm.encode(inputs_embeds=embeds, attention_mask=mask)
+            labels = batch["labels"]
+            dec_in = torch.cat([labels.new_full((B, 1), self.cfg.lm.decoder_start_id), labels[:, :-1]], dim=1)
+            targets = labels != -100  # the vocabulary projection only where there is a target
+            logits, _ = self.lm.decode(dec_in.masked_fill(dec_in == -100, self.cfg.lm.pad_id), enc, mask, keep=targets)
+            return dict(loss=F.cross_entropy(logits.float(), labels[targets]))
+        embeds = torch.cat([prompt, self.lm.embed(batch["input_ids"]).to(prompt.dtype)], dim=1)   # (B, Q + T, C)
+        mask = torch.cat([batch["attention_mask"].new_ones(B, Q), batch["attention_mask"]], dim=1)
+        labels = batch["labels"][:, Q:]                                                # (B, T); the queries are -100
+        targets = labels != -100  # position Q - 1 + t predicts token t: project those with a target only
+        logits, _ = self.lm(inputs_embeds=embeds, attention_mask=mask, keep=F.pad(targets, (Q - 1, 1)))  # (N, V)
+        return dict(loss=F.cross_entropy(logits.float(), labels[targets]))
+
+    @torch.no_grad()
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, *, max_new_tokens=30, min_new_tokens=0,
+                 num_beams=1, length_penalty=1.0, repetition_penalty=1.0, do_sample=False, temperature=1.0,
+                 top_p=1.0, generator=None, use_cache=True):
+        """pixel_values (B, 3, S, S); input_ids (B, T): BOS + prompt for OPT (left-padded), prompt + </s> for T5.
+        Returns the new token ids (B, T_new), padded with the pad id. use_cache=False recomputes every step from
+        scratch: slow, but the plain definition that the cached path is tested against."""
+        if do_sample and num_beams > 1:
+            raise ValueError("sampling with beams is not implemented: use do_sample=True or num_beams > 1")
+        lm, cfg = self.lm, self.cfg.lm
+        prompt = self.visual_prompt(pixel_values)
+        B, Q = prompt.size(0), prompt.size(1)
+        if input_ids is None:
+            input_ids = torch.full((B, 1), cfg.eos_id if self.is_t5 else cfg.bos_id, device=prompt.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = torch.cat([prompt, lm.embed(input_ids).to(prompt.dtype)], dim=1)  # (B, Q + T, C)
+        mask = torch.cat([attention_mask.new_ones(B, Q), attention_mask], dim=1)
+        if not self.is_t5:  # left padding goes before the queries, which is where HF puts it
+            order = torch.argsort(mask, dim=1, stable=True)
+            embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+        # the prompt runs once per image; its outputs are then copied for each beam (rows: batch-major, then beams)
+        expand = lambda t: t.repeat_interleave(num_beams, dim=0)
+        if self.is_t5:
+            enc1 = lm.encode(inputs_embeds=embeds, attention_mask=mask)
+            enc, enc_mask = expand(enc1), expand(mask)
+            history = torch.full((B, 1), cfg.decoder_start_id, device=embeds.device)
+
+            def prefill():
+                return lm.decode(history, enc1, mask)
+
+            def run(seq, cache):  # the whole decoder input without a cache, else its newest token
+                return lm.decode(seq if cache is None else seq[:, -1:], enc, enc_mask, cache)
+        else:
+            history = input_ids
+
+            def prefill():
+                return lm(inputs_embeds=embeds, attention_mask=mask, keep=1)
+
+            def run(seq, cache):  # the generated tokens: all of them after the prompt without a cache, else the newest
+                full_mask = torch.cat([expand(mask), mask.new_ones(seq.size(0), seq.size(1))], dim=1)
+                if cache is None:
+                    x = torch.cat([expand(embeds), lm.embed(seq).to(embeds.dtype)], dim=1)
+                    return lm(inputs_embeds=x, attention_mask=full_mask, keep=1)
+                return lm(input_ids=seq[:, -1:], attention_mask=full_mask, cache=cache)
+        state = dict(seq=expand(history) if self.is_t5 else history.new_zeros(B * num_beams, 0), cache=None)
+
+        def start():
+            logits, cache = prefill()
+            if use_cache:
+                state["cache"] = [tuple(expand(t) for t in layer) for layer in cache]
+            return expand(logits[:, -1])
+
+        def step(tokens, beams):  # one new token per row, after reordering the rows along `beams`
+            if beams is not None:
+                state["seq"] = state["seq"][beams]
+                if use_cache:
+                    state["cache"] = [tuple(t[beams] for t in layer) for layer in state["cache"]]
+            state["seq"] = torch.cat([state["seq"], tokens[:, None]], dim=1)
+            logits, cache = run(state["seq"], state["cache"])
+            state["cache"] = cache if use_cache else None
+            return logits[:, -1]
+
+        return generate(start, step, history, eos_id=self.end_id, pad_id=cfg.pad_id,
+                        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                        length_penalty=length_penalty, repetition_penalty=repetition_penalty, do_sample=do_sample,
+                        temperature=temperature, top_p=top_p, generator=generator)
+
+    # --- the paper's two zero-shot uses ---------------------------------------------------------------------
+
+    def caption(self, images, prompt="", **kw):
+        """Images (paths, PIL images or a (B, 3, S, S) tensor) -> captions. LAVIS defaults: beam 5, 1..30 new tokens."""
+        pixels = self._pixels(images)
+        kw = dict(num_beams=5, max_new_tokens=30, min_new_tokens=1) | kw
+        return self._complete(pixels, [prompt] * pixels.size(0), kw)
+
+    def answer(self, images, questions, **kw):
+        """Zero-shot VQA with the paper's prompt, beam 5, length penalty -1, at most 10 new tokens (§4.2)."""
+        template = "Question: {} Short answer:" if self.is_t5 else "Question: {} Answer:"
+        kw = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0) | kw
+        return self._complete(self._pixels(images), [template.format(q) for q in questions], kw)
+
+    def _pixels(self, images):
+        p = next(self.parameters())
+        if not torch.is_tensor(images):
+            images = torch.stack([load_image(im, self.cfg.vit.image_size) for im in images])
+        return images.to(p.device, p.dtype)
+
+    def _complete(self, pixels, prompts, kw):
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer; load it with Blip2.from_pretrained or set .tokenizer")
+        side = "right" if self.is_t5 else "left"  # decoder-only prompts are left-padded (HF #22014)
+        # OPT's learned positions end at max_positions; T5's relative ones do not, LAVIS cuts its prompts at 512
+        room = 512 if self.is_t5 else self.cfg.lm.max_positions - self.cfg.qformer.num_query_tokens - kw["max_new_tokens"]
+        full, _ = self.tokenizer(prompts, truncation=False, padding_side=side)
+        if full.size(1) > room:
+            warnings.warn(f"prompt of {full.size(1)} tokens truncated to {room} to fit the model's context")
+        ids, mask = self.tokenizer(prompts, max_length=room, padding_side=side)
+        out = self.generate(pixels, ids.to(pixels.device), mask.to(pixels.device), **kw)
+        return [t.strip() for t in self.tokenizer.batch_decode(out)]
+
+    # --- loading --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _from_checkpoint(cls, folder, d, device="cpu", dtype=None):
+        """Our folder: the trained tensors from model.safetensors; the frozen ViT and LLM from the sources named in
+        config.json."""
+        check_frozen(folder, d)
+        cfg = Blip2Config.from_dict(d["model"])
+        if isinstance(cfg.lm, t5m.T5Config) and dtype == torch.float16:
+            raise CheckpointError(f"{folder}: FlanT5 overflows in float16; use bfloat16 or float32")
+        model = build_empty(cls, cfg, device, dtype)
+        vit_src, lm_src = d["frozen"].get("vit"), resolve(d["frozen"]["lm"])
+        if vit_src:
+            load_weights(model.vit, resolve(vit_src), **vt.hf_keys(cfg.vit))
+        model.lm = (t5m.T5 if model.is_t5 else op.OPT).from_pretrained(lm_src, device=device, dtype=dtype)
+        skip = ("lm.", "vit.") if vit_src else ("lm.",)
+        load_weights(model, folder, {k: k for k in model.state_dict() if not k.startswith(skip)},
+                     fresh=[p + "*" for p in skip])
+        model._set_tokenizer(lm_src)
+        return model.eval()
+
+    def _set_tokenizer(self, folder):
+        try:
+            self.tokenizer = (load_t5_tokenizer if self.is_t5 else load_opt_tokenizer)(folder)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{folder}: tokenizer files missing ({e})") from None
+        self.end_id = self.cfg.lm.eos_id if self.is_t5 else self.tokenizer.newline_id
+
+    @classmethod
+    def from_stage1(cls, stage1, lm_src, device="cpu", dtype=None):
+        """Stage 2's starting point (LAVIS pretrain_stage2.yaml): the ViT, ln_vision, query tokens and Q-Former of a
+        stage-1 model (our checkpoint folder, or a Blip2Stage1) without the text branch, a new language_projection,
+        and a frozen OPT or T5 from an HF folder or Hub id."""
+        s1 = stage1 if isinstance(stage1, Blip2Stage1) else Blip2Stage1.from_pretrained(stage1, device=device)
+        lm_src = resolve(lm_src)
+        d = read_config(lm_src)
+        kind = d.get("model_type")
+        if kind not in ("opt", "t5"):
+            raise CheckpointError(f"{lm_src}: model_type {kind!r}; the language model must be OPT or T5")
+        lm_cfg = t5m.T5Config.from_hf(d) if kind == "t5" else op.OPTConfig.from_hf(d)
+        qcfg = dataclasses.replace(s1.cfg.qformer, text=False, lm_head=False)
+        cfg = Blip2Config(vit=s1.cfg.vit, qformer=qcfg, lm=lm_cfg, ln_vision_eps=s1.cfg.ln_vision_eps)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.lm = (t5m.T5 if kind == "t5" else op.OPT).from_pretrained(lm_src, device=device, dtype=dtype)
+        model.language_projection = nn.Linear(qcfg.width, model.language_projection.out_features, device=device)
+        model.vit, model.ln_vision, model.query_tokens = s1.vit, s1.ln_vision, s1.query_tokens
+        model.qformer = qf.QFormer(qcfg).to(device)
+        missing, unexpected = model.qformer.load_state_dict(s1.qformer.state_dict(), strict=False)
+        text_branch = ("word_embeddings.", "position_embeddings.", "lm_head.", ".ffn_text.")
+        if missing or not all(any(part in k for part in text_branch) for k in unexpected):
+            raise CheckpointError(f"stage-1 Q-Former does not fit: missing {missing}, unexpected {unexpected}")
+        model._set_tokenizer(lm_src)
+        return model.to(dtype) if dtype is not None else model
+
+    @staticmethod
+    def hf_table(cfg, keys=None):
+        """Our keys -> HF Blip2ForConditionalGeneration keys, and the LLM's load_weights arguments (its ignore list
+        and canon). keys: the file's key names, which tell a T5 head saved untied from one saved once."""
+        table = Querying.hf_table(cfg) | {f"language_projection.{p}": f"language_projection.{p}"
+                                          for p in ("weight", "bias")}
+        if isinstance(cfg.lm, t5m.T5Config):
+            lm = t5m.hf_keys(cfg.lm, "language_model.", keys)
+            return table | {"lm." + k: v for k, v in lm["table"].items()}, lm
+        lm = op.hf_keys(cfg.lm, prefix="lm.")
+        return table | lm["table"], lm
+
+    @classmethod
+    def from_pretrained(cls, src, device="cpu", dtype=None, image_size=None):
+        """From an HF BLIP-2 folder (Blip2ForConditionalGeneration, original or 2024 layout), a Hub id, or one of our
+        own stage-2 checkpoints."""
+        folder = resolve(src)
+        d = read_config(folder)
+        if d.get("nanoblip2") == "stage2":
+            return cls._from_checkpoint(folder, d, device, dtype)
+        if d.get("model_type") != "blip-2":
+            raise CheckpointError(f"{folder}: model_type {d.get('model_type')!r}, not a BLIP-2 folder")
+        kind = (d.get("text_config") or {}).get("model_type", "opt")
+        if kind not in ("opt", "t5"):
+            raise CheckpointError(f"{folder}: language model {kind!r} is not supported (OPT or T5 only)")
+        if kind == "t5" and dtype == torch.float16:
+            raise CheckpointError(f"{folder}: FlanT5 overflows in float16; use bfloat16 or float32")
+        lm_cfg = t5m.T5Config.from_hf(d) if kind == "t5" else op.OPTConfig.from_hf(d)
+        cfg = Blip2Config(vit=vt.ViTConfig.from_hf(d, image_size), qformer=qf.QFormerConfig.from_hf_blip2(d), lm=lm_cfg,
+                          ln_vision_eps=d.get("vision_config", {}).get("layer_norm_eps", 1e-6),
+                          image_token_index=d.get("image_token_index"))
+        model = build_empty(cls, cfg, device, dtype)
+        model._set_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
+        keys = {k for f in safetensors_files(folder) for k in safe_open(f, framework="pt").keys()}
+        table, lm = cls.hf_table(cfg, keys)
+        ignore = [p for p in lm["ignore"] if p.startswith("language_model.")]
+        load_weights(model, folder, table, ignore=ignore, canon=lm.get("canon"))
+        return model.eval()
