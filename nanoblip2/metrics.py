@@ -1,7 +1,7 @@
 r"""
 Evaluation metrics: retrieval recall, COCO caption BLEU/CIDEr, VQAv2 accuracy. Pure Python/numpy, no Java.
 
-Retrieval: LAVIS `RetrievalTask._report_metrics` (lavis/tasks/retrieval.py), on the score matrices of SPEC §5.
+Retrieval: LAVIS `RetrievalTask._report_metrics` (lavis/tasks/retrieval.py), on the scores of `compute_sim_matrix`.
 Captions: pycocoevalcap (coco-caption) `Bleu(4)` and `Cider()`, i.e. bleu/bleu_scorer.py and cider/cider_scorer.py,
 with `ptb_tokenize` standing in for its Java `PTBTokenizer`. VQA: the official VQAv2 `vqaEval.py`
 (GT-Vision-Lab/VQA, the same as lavis/common/vqa_tools/vqa_eval.py).

@@ -4,7 +4,7 @@ Tokenizers, as thin wrappers over the `tokenizers` library (no transformers at r
 Q-Former: BERT WordPiece (`bert-base-uncased`) plus a `[DEC]` BOS token, as LAVIS builds it in
 `Blip2Base.init_tokenizer` (lavis/models/blip2_models/blip2.py:31-34):
 `BertTokenizer.from_pretrained("bert-base-uncased", truncation_side="right")` then
-`add_special_tokens({"bos_token": "[DEC]"})`. SPEC §2.1 and §7.4.
+`add_special_tokens({"bos_token": "[DEC]"})`. HF: `BertTokenizer` (models/bert/tokenization_bert.py).
 
 Notable details:
 - `[DEC]` takes the next free id (30522 for bert-base-uncased, hence the Q-Former's 30523 embedding rows).
@@ -24,7 +24,7 @@ Notable details:
 - Padding/truncation settings stored inside a `tokenizer.json` are cleared on load; `__call__` sets its own.
 
 OPT: GPT-2 byte-level BPE, as `AutoTokenizer.from_pretrained("facebook/opt-2.7b", use_fast=False)` in LAVIS
-`Blip2OPT.__init__` (lavis/models/blip2_models/blip2_opt.py:91-93). SPEC §4.1 and §7.4.
+`Blip2OPT.__init__` (lavis/models/blip2_models/blip2_opt.py:91-93). HF: models/gpt2/tokenization_gpt2.py.
 - Every text gets the BOS `</s>` (id 2) in front (`add_bos_token`, True unless `tokenizer_config.json` says otherwise,
   because transformers 5 no longer writes it there) and no EOS at the end. Pad is `<pad>` = 1, and unk is also `</s>`.
 - Generation ends on "\n", not on EOS. In byte-level BPE the vocabulary string for "\n" is "Ċ" (each byte is mapped to
@@ -41,7 +41,7 @@ OPT: GPT-2 byte-level BPE, as `AutoTokenizer.from_pretrained("facebook/opt-2.7b"
   with U+FFFD for a cut multi-byte character.
 
 T5: SentencePiece Unigram, as `T5TokenizerFast.from_pretrained("google/flan-t5-xl")` in LAVIS `Blip2T5.__init__`
-(lavis/models/blip2_models/blip2_t5.py). SPEC §4.2 and §7.4.
+(lavis/models/blip2_models/blip2_t5.py). HF: models/t5/tokenization_t5.py.
 - Needs `tokenizer.json`: reading `spiece.model` takes the protobuf/sentencepiece packages (`tokenizers`'
   `SentencePieceUnigramTokenizer.from_spm` too), which we do not depend on. flan-t5 repos ship `tokenizer.json`.
 - The file's pipeline is used as it is (flan-t5: Precompiled normalizer, WhitespaceSplit + Metaspace "▁"), as

@@ -72,12 +72,12 @@ def test_old_bert_names_gamma_beta(bert_folder, itm_folder, tmp_path):
 
 def test_real_preset_parameter_counts():
     eva = build_empty(vt.ViT, vt.PRESETS["eva-vit-g"], "meta")
-    assert abs(num_params(eva) - 985.9e6) / 985.9e6 < 1e-3  # SPEC §1.1: 39 x 25,248,768 + embeddings
+    assert abs(num_params(eva) - 985.9e6) / 985.9e6 < 1e-3  # LAVIS eva_vit.py depth 39: 39 x 25,248,768 + embeddings
     assert num_params(eva) == 39 * 25_248_768 + 1408 * 3 * 14 * 14 + 1408 + 1408 + 257 * 1408
     stage2 = build_empty(qf.QFormer, qf.PRESETS["qformer-stage2"], "meta")
     queries = 32 * 768
     assert queries == 24_576
-    assert abs(num_params(stage2) + queries - 105.2e6) / 105.2e6 < 1e-3  # SPEC §2.1
+    assert abs(num_params(stage2) + queries - 105.2e6) / 105.2e6 < 1e-3  # LAVIS blip2_opt.py: no text branch
     stage1 = build_empty(qf.QFormer, qf.PRESETS["qformer-stage1"], "meta")
     assert abs(num_params(stage1) + queries - 186.3e6) / 186.3e6 < 1e-3
     clip = build_empty(vt.ViT, vt.PRESETS["clip-vit-l"], "meta")
