@@ -1,7 +1,8 @@
 """data/shapes/prepare.py, the quick start's synthetic world: byte-identical for a seed whatever the number of
 processes, captions, questions and pixels that agree with each image's "objects", files our datasets and tokenizer
 loaders read. Three small runs without pretraining, one in a subprocess: a few seconds. And one tiny run with a few
-steps of pretraining, whose ViT, BERT and OPT folders stage 1 and stage 2 load as they load real checkpoints."""
+steps of pretraining, whose ViT, BERT and OPT folders stage 1 and stage 2 load as they load real checkpoints, and
+which data/shapes/pretrain.py, run alone on the same world, writes again byte for byte."""
 import hashlib
 import json
 import math
@@ -23,6 +24,14 @@ from nanoblip2.metrics import vqa_normalize
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = {"train": 60, "val": 10, "test": 20}
 RUNS = {"a": ["--seed=3", "--workers=1"], "b": ["--seed=3", "--workers=2"], "c": ["--seed=4", "--workers=2"]}
+# run "a"'s annotations as the code wrote them before the pretraining moved to pretrain.py: a change to the world's
+# draws or texts must be deliberate (the PNGs and tokenizers are left out: their bytes depend on zlib and tokenizers)
+GOLDEN = {"train.json": "e7a2f983e7c76d20ecaf511e96bf70db6ad418cbc19c71aac974073d958e29b9",
+          "val.json": "17645f15bb1274ccfbc0248958c26dbc9d4e143bb6c1c3941c8150d44b094fda",
+          "test.json": "057eada5eaee4f65bb30449e52d8377c05b1ab1db46e1f7605bd14e8b6e64a35",
+          "vqa_train.json": "4bff43927b92fb54660fb6c206497fe91d277de5e4c459a1551d36cf01a55a8c",
+          "vqa_val.json": "5c9ec29e48b766f4cc7924c55f230251b93ee116d352fd5bcf34da0123f3e88e",
+          "vqa_test.json": "8efdb410a3110e98c31bc39f976dd999bdbd811fb83cc48d94f13cb37a25014e"}
 WHERE = {"top left": "in the top left", "top": "at the top", "top right": "in the top right", "left": "on the left",
          "middle": "in the middle", "right": "on the right", "bottom left": "in the bottom left",
          "bottom": "at the bottom", "bottom right": "in the bottom right"}
@@ -74,6 +83,7 @@ def test_same_seed_same_bytes_whatever_the_workers(runs):
             "bert/vocab.txt", "bert/tokenizer_config.json", "opt/tokenizer.json", "t5/tokenizer.json"}
     assert set(a) == pngs | rest  # and no stray .tmp files
     assert a == b
+    assert {f: a[f] for f in GOLDEN} == GOLDEN
 
 
 def test_another_seed_changes_everything(runs):
@@ -221,16 +231,43 @@ def test_tokenizers_load_and_cover_the_texts(data):
     assert torch.equal(ids[0], torch.tensor(opt.tk.encode("a red circle\n").ids))
 
 
-def test_pretrained_models_load_into_stage1_and_stage2(tmp_path):
-    out = tmp_path / "shapes"
-    args = ["--train=60", "--val=10", "--test=10", "--workers=1", "--vit_steps=3", "--bert_steps=3", "--opt_steps=3",
-            "--pretrain_batch=8"]
-    proc = subprocess.run([sys.executable, str(ROOT / "data" / "shapes" / "prepare.py"), f"--out={out}", *args],
+WORLD = ["--train=60", "--val=10", "--test=10", "--workers=1"]
+PRETRAIN = ["--vit_steps=3", "--bert_steps=3", "--opt_steps=3", "--pretrain_batch=8"]
+
+
+def script(name, out, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "data" / "shapes" / name), f"--out={out}", *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "vit val: images with every label" in proc.stdout and "opt greedy: " in proc.stdout
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """prepare.py's world and, after it, pretrain.py's models, in one run: (folder, stdout)."""
+    out = tmp_path_factory.mktemp("pretrained") / "shapes"
+    return out, script("prepare.py", out, *WORLD, *PRETRAIN)
+
+
+def test_pretrain_alone_writes_what_prepare_writes(pretrained, tmp_path):
+    out, stdout = pretrained
+    alone = tmp_path / "shapes"
+    world = script("prepare.py", alone, *WORLD, "--pretrain=false")
+    data = hashes(alone)
+    log = script("pretrain.py", alone, *PRETRAIN)
+    assert hashes(alone) == hashes(out)  # the same weights, and the world's files as they were
+    assert {f: h for f, h in hashes(out).items() if f in data} == data
+    def same(text):  # without the times and the folder's name
+        return re.sub(r"[\d.]+ s\b", "_ s", text.replace(str(out), "OUT").replace(str(alone), "OUT"))
+    assert same(stdout) == same(world + log)  # the same losses and accuracies printed, in the same order
+    assert "pretrained vit in" in log and "pretrained opt in" in log
+
+
+def test_pretrained_models_load_into_stage1_and_stage2(pretrained):
+    out, stdout = pretrained
+    assert "vit val: images with every label" in stdout and "opt greedy: " in stdout
     assert re.search(r"patches on an object with its shape right [\d.]+, colour right [\d.]+, size right [\d.]+, "
-                     r"position right [\d.]+", proc.stdout)
+                     r"position right [\d.]+", stdout)
     for folder, files in (("vit", ["config.json", "model.safetensors"]),
                           ("bert", ["vocab.txt", "tokenizer_config.json", "config.json", "model.safetensors"]),
                           ("opt", ["tokenizer.json", "config.json", "model.safetensors"])):
