@@ -1,50 +1,32 @@
 """
-Caption an image, or answer a question about it, with a BLIP-2 model (paper §4.1, §4.2); or evaluate captioning or
-zero-shot VQA on an annotation file, with the paper's generation settings and metrics.
+Caption an image, or answer a question about it, with a BLIP-2 model (paper §4.1, §4.2). Evaluating captioning or
+VQA over an annotation file is eval.py.
 
     python sample.py --image=cat.jpg
     python sample.py --image=photos/ --question="what is the cat doing?"
     python sample.py --image=cat.jpg --init_from=path/to/blip2-flan-t5-xl --num_beams=5
     python sample.py --image=cat.jpg --attention=cat_attention.png
-    python sample.py --caption_ann=data/coco/test.json --image_root=data/coco/images --out_file=captions.json
-    python sample.py --vqa_ann=vqav2_val.jsonl --image_root=data/vqav2/images --max_samples=1000
 
-Give exactly one of --image, --caption_ann, --vqa_ann. The two evaluation modes:
-- --caption_ann: {"image", "caption": str | [str]} per entry (our format, data/coco/prepare.py). Every image is
-  captioned (beam 5, at most 30 new tokens, --prompt) and scored with COCO's BLEU-1..4 and CIDEr-D against all of its
-  captions (metrics.caption_scores; the references are the raw captions, PTB-tokenised, as coco-caption does). The
-  prompt is not part of the scored caption: the LM's continuation is, as in LAVIS.
-- --vqa_ann: {"image", "question", "answers": [str, ...]} per entry. Blip2.answer with the paper's prompt ("Question:
-  {} Answer:" for OPT, "Question: {} Short answer:" for FlanT5), beam 5, length penalty -1, at most 10 new tokens,
-  scored with the VQAv2 accuracy (metrics.vqa_score), also per question "type" where entries have one.
-The shapes world's caption entries also describe their scene ("objects", "background"): then the captions' attribute
-accuracy is reported too (metrics.scene_accuracy: how much of what they say is true).
-Image paths are relative to --image_root (default: the current folder); --max_samples evaluates the first ones only.
-Unreadable images are skipped and counted, not scored. --out_file writes the captions or answers as a JSON list.
+--image is one image file or a folder of them; each is captioned (after --prompt), or asked --question.
 With one image file, --attention also draws where each query looks: its Q-Former cross-attention to the image patches,
 averaged over heads and cross-attention layers ([CLS] key dropped), one heat-map panel per query after the image.
 """
-import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from nanoblip2.load import num_params
 from nanoblip2.stage2 import Blip2
 from nanoblip2.cli import parse_args
-from nanoblip2.data import (AnnotationError, ImageError, entry_captions, load_image, open_image, read_annotations,
-                            to_rgb)
+from nanoblip2.data import AnnotationError, ImageError, load_image, open_image, to_rgb
 from nanoblip2.hub import HubError
 from nanoblip2.load import CheckpointError
-from nanoblip2.metrics import caption_scores, scene_accuracy, vqa_score
 
 QUICK_START = "out/stage2/ckpt"  # where train_stage2.py's defaults write
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -54,13 +36,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 class SampleConfig:
     image: str = ""                          # an image file, or a folder of images
     prompt: str = ""                         # caption prompt, e.g. "a photo of"
-    question: str = ""                       # with --image: answer it instead of captioning
-    caption_ann: str = ""                    # evaluate captioning on this annotation file (instead of --image)
-    vqa_ann: str = ""                        # evaluate zero-shot VQA on this annotation file (instead of --image)
-    image_root: str = ""                     # the annotations' image paths are relative to this folder
-    max_samples: int = 0                     # evaluate the first images (captions) or questions (VQA); 0 = all
-    batch_size: int = 16                     # images per generate call when evaluating
-    out_file: str = ""                       # write the evaluation's captions or answers here (JSON list)
+    question: str = ""                       # answer it instead of captioning
     attention: str = ""                      # with one --image file: draw each query's cross-attention to this PNG
     init_from: str = ""                      # HF BLIP-2 folder, Hub id or our stage-2 folder; "" = the quick
                                              # start's out/stage2/ckpt if it exists, else Salesforce/blip2-opt-2.7b
@@ -69,6 +45,24 @@ class SampleConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "auto"                      # auto: bfloat16 on CUDA, float32 on CPU
     seed: int = 1337
+    caption_ann: str = ""                    # moved: python eval.py --caption_ann=...
+    vqa_ann: str = ""                        # moved: python eval.py --vqa_ann=...
+
+
+def load_model(cfg):
+    """cfg.init_from in cfg.dtype on cfg.device, with one line about it (eval.py loads its model here too)."""
+    torch.manual_seed(cfg.seed)
+    dtype = {"auto": torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    t0 = time.time()
+    if not cfg.init_from:
+        cfg.init_from = QUICK_START if os.path.isdir(QUICK_START) else "Salesforce/blip2-opt-2.7b"
+    model = Blip2.from_pretrained(cfg.init_from, device=cfg.device, dtype=dtype)
+    n = num_params(model)
+    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    print(f"loaded {cfg.init_from}: {'FlanT5' if model.is_t5 else 'OPT'}, {size} params, {dtype}, {cfg.device}, "
+          f"{time.time() - t0:.1f}s")
+    return model
 
 
 def image_paths(path):
@@ -78,105 +72,6 @@ def image_paths(path):
             raise ImageError(f"{path}: no images in this folder ({', '.join(IMAGE_EXTS)})")
         return files
     return [path]
-
-
-def read_vqa(ann_file):
-    """A JSON list or JSONL file of {"image", "question", "answers": [str, ...]} -> list of dicts."""
-    path = Path(ann_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation file not found")
-
-    def parse(text, line=None):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AnnotationError(f"{path}:{line or e.lineno}: bad JSON ({e.msg})") from None
-
-    text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):  # one JSON list
-        entries = parse(text)
-    else:  # JSONL: one object per line
-        entries = [parse(line, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-    for k, e in enumerate(entries):
-        if not (isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("question"), str)
-                and isinstance(e.get("answers"), list) and all(isinstance(a, str) for a in e["answers"])):
-            got = f"keys {sorted(e)}" if isinstance(e, dict) else type(e).__name__
-            raise AnnotationError(f'{path}: entry {k + 1}: want {{"image": str, "question": str, '
-                                  f'"answers": [str, ...]}}, got {got}')
-    return entries
-
-
-def read_captions(ann_file):
-    """-> {image: all of its captions}, in file order (an image may have several entries), and {image: scene} for
-    the entries that describe their scene (the shapes world's "objects" and "background")."""
-    refs, scenes = {}, {}
-    for e in read_annotations(ann_file):
-        refs.setdefault(e["image"], []).extend(entry_captions(e))
-        if "objects" in e:
-            scenes[e["image"]] = e
-    return refs, scenes
-
-
-def run_batches(samples, generate, cfg, size, desc):
-    """generate(pixels (B, 3, S, S), samples) -> texts, over batches of the samples whose image can be read.
-    -> (the samples kept, their texts, the ImageError messages of the others)."""
-    kept, texts, errors = [], [], []
-    for i in tqdm(range(0, len(samples), cfg.batch_size), desc=desc, unit="batch"):
-        batch, pixels = [], []
-        for s in samples[i:i + cfg.batch_size]:
-            try:
-                pixels.append(load_image(os.path.join(cfg.image_root, s["image"]), size))
-                batch.append(s)
-            except ImageError as e:
-                errors.append(str(e))
-        if batch:
-            texts += generate(torch.stack(pixels), batch)
-            kept += batch
-    if not kept:
-        raise ImageError(f"none of the {len(errors)} images could be read, e.g. {errors[0]}")
-    return kept, texts, errors
-
-
-def skipped(errors):
-    return f", {len(errors)} skipped (unreadable image, e.g. {errors[0]})" if errors else ", 0 skipped"
-
-
-def write_json(path, items):
-    if path:
-        Path(path).write_text(json.dumps(items, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def eval_captions(model, ann, cfg):
-    refs, scenes = ann
-    samples = [{"image": im} for im in list(refs)[:cfg.max_samples or None]]
-    caption = lambda pixels, batch: model.caption(pixels, cfg.prompt, num_beams=cfg.num_beams,
-                                                   max_new_tokens=cfg.max_new_tokens)
-    kept, captions, errors = run_batches(samples, caption, cfg, model.cfg.vit.image_size, "caption")
-    scores = caption_scores({s["image"]: refs[s["image"]] for s in kept},
-                            {s["image"]: [c] for s, c in zip(kept, captions)})
-    print(f"caption {cfg.caption_ann}: {len(kept)} images, "  # x100, as the paper reports them
-          + " ".join(f"{k} {100 * v:.2f}" for k, v in scores.items()) + skipped(errors))
-    if scenes:  # the shapes world: how much of what the captions say is true
-        acc = scene_accuracy(captions, [scenes[s["image"]] for s in kept])
-        print(f"caption {cfg.caption_ann}: attribute accuracy {acc['accuracy']:.3f}, objects named {acc['objects']:.3f}")
-    write_json(cfg.out_file, [{"image": s["image"], "caption": c} for s, c in zip(kept, captions)])
-
-
-def eval_vqa(model, questions, cfg):
-    samples = questions[:cfg.max_samples or None]
-    answer = lambda pixels, batch: model.answer(pixels, [s["question"] for s in batch], num_beams=cfg.num_beams)
-    kept, answers, errors = run_batches(samples, answer, cfg, model.cfg.vit.image_size, "vqa")
-    accuracy = vqa_score(answers, [s["answers"] for s in kept])
-    print(f"vqa {cfg.vqa_ann}: {len(kept)} questions, accuracy {accuracy:.2f}" + skipped(errors))
-    types = sorted({s["type"] for s in kept if "type" in s})
-    if types:  # e.g. the shapes world's question types
-        by_type = {}
-        for t in types:
-            of_type = [(a, s["answers"]) for s, a in zip(kept, answers) if s.get("type") == t]
-            by_type[t] = vqa_score([a for a, _ in of_type], [gt for _, gt in of_type])
-        print(f"vqa {cfg.vqa_ann}: by type: " + ", ".join(f"{t} {v:.1f}" for t, v in by_type.items()))
-    write_json(cfg.out_file, [{"image": s["image"], "question": s["question"], "answer": a}
-                              for s, a in zip(kept, answers)])
 
 
 def cross_attention(model, pixels):
@@ -244,42 +139,18 @@ def sample(model, paths, cfg):
 
 
 def main(cfg):
-    if sum(bool(x) for x in (cfg.image, cfg.caption_ann, cfg.vqa_ann)) != 1:
-        raise SystemExit("error: give exactly one of --image=<file or folder>, --caption_ann=<file>, "
-                         "--vqa_ann=<file>; see -h")
+    if cfg.caption_ann or cfg.vqa_ann:
+        flag = "caption_ann" if cfg.caption_ann else "vqa_ann"
+        raise SystemExit(f"error: evaluation moved to eval.py: python eval.py --{flag}={getattr(cfg, flag)} ...")
     # bad input fails here, before the (slow) model load
     if cfg.attention and (not cfg.image or os.path.isdir(cfg.image)):
         raise SystemExit("error: --attention draws one image: give it with --image=<one image file>")
     if cfg.attention and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.attention))):
         raise SystemExit(f"error: {cfg.attention}: its folder does not exist")
-    if cfg.image:
-        paths = image_paths(cfg.image)
-    else:
-        ann = read_captions(cfg.caption_ann) if cfg.caption_ann else read_vqa(cfg.vqa_ann)
-        if not (ann[0] if cfg.caption_ann else ann):
-            raise SystemExit(f"error: {cfg.caption_ann or cfg.vqa_ann}: no entries")
-        if cfg.image_root and not os.path.isdir(cfg.image_root):
-            raise SystemExit(f"error: {cfg.image_root}: image folder not found")
-        if cfg.out_file and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.out_file))):
-            raise SystemExit(f"error: {cfg.out_file}: its folder does not exist")
-    torch.manual_seed(cfg.seed)
-    dtype = {"auto": torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    t0 = time.time()
-    if not cfg.init_from:
-        cfg.init_from = QUICK_START if os.path.isdir(QUICK_START) else "Salesforce/blip2-opt-2.7b"
-    model = Blip2.from_pretrained(cfg.init_from, device=cfg.device, dtype=dtype)
-    lm = "FlanT5" if model.is_t5 else "OPT"
-    n = num_params(model)
-    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-    print(f"loaded {cfg.init_from}: {lm}, {size} params, {dtype}, {cfg.device}, "
-          f"{time.time() - t0:.1f}s")
-    if cfg.caption_ann:
-        eval_captions(model, ann, cfg)
-    elif cfg.vqa_ann:
-        eval_vqa(model, ann, cfg)
-    else:
-        sample(model, paths, cfg)
+    if not cfg.image:
+        raise SystemExit("error: give --image=<file or folder>; see -h")
+    paths = image_paths(cfg.image)
+    sample(load_model(cfg), paths, cfg)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ become one space, so a lone tab or newline stays inside a caption (BERT's tokeni
 and "words" for max_words are space-separated.
 - Annotations are a JSON list or JSONL of {"image": path relative to image_root, "caption": str or [str, ...]}.
   For training each (image, caption) pair is one sample (LAVIS coco_caption train has one entry per caption);
-  for retrieval each image keeps its list (load_retrieval). data/coco/prepare.py writes these files.
+  for retrieval each image keeps its list (load_retrieval). data/coco/prepare.py writes these files. VQA files
+  are {"image", "question", "answers": [str, ...]}. An entry with nothing but empty captions or answers is an error.
 - A bad image makes __getitem__ return None with a warning naming the file, and collate drops it and counts it
   in `skipped`: one unreadable JPEG in 100M must not stop a run. A bad annotation file stops it at once.
 - collate pads to the longest caption in the batch, not to max_length as LAVIS does: padded positions are
@@ -182,8 +183,29 @@ def pre_caption(text, max_words=50):
     return " ".join(text.split(" ")[:max_words])
 
 
-def read_annotations(ann_file):
-    """A JSON list or a JSONL file of {"image", "caption", ...} -> list of dicts. Errors name the file and line."""
+WANT = {"caption": '{"image": str, "caption": str or [str, ...]}',
+        "vqa": '{"image": str, "question": str, "answers": [str, ...]}'}
+
+
+def entry_captions(entry):
+    """An annotation entry's "caption" (str | [str]) as a list."""
+    return [entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]
+
+
+def _texts(e, kind):
+    """A caption entry's captions or a VQA entry's answers, or None where the entry is not of WANT[kind]'s shape."""
+    if not (isinstance(e, dict) and isinstance(e.get("image"), str)):
+        return None
+    if kind == "vqa":
+        texts = e.get("answers") if isinstance(e.get("question"), str) else None
+    else:
+        texts = entry_captions(e) if "caption" in e else None
+    return texts if isinstance(texts, list) and all(isinstance(t, str) for t in texts) else None
+
+
+def read_annotations(ann_file, kind="caption"):
+    """A JSON list or a JSONL file of WANT[kind] ("caption" or "vqa") -> list of dicts. Errors name the file and
+    line; an entry with no caption (or answer) but empty strings is one."""
     path = Path(ann_file)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation file not found")
@@ -200,13 +222,15 @@ def read_annotations(ann_file):
                 items += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
             except json.JSONDecodeError as e:
                 raise AnnotationError(f"{path}:{n}: bad JSON ({e.msg})") from None
+    key = "answers" if kind == "vqa" else "caption"
     for where, e in items:
-        caption = e.get("caption") if isinstance(e, dict) else None
-        if not (isinstance(e, dict) and isinstance(e.get("image"), str) and (isinstance(caption, str) or (
-                isinstance(caption, list) and all(isinstance(c, str) for c in caption)))):
+        texts = _texts(e, kind)
+        if texts is None:
             got = f"keys {sorted(e)}" if isinstance(e, dict) else type(e).__name__
             hint = " (a Karpathy file? convert it with data/coco/prepare.py)" if "'images'" in got else ""
-            raise AnnotationError(f'{where}: want {{"image": str, "caption": str or [str, ...]}}, got {got}{hint}')
+            raise AnnotationError(f"{where}: want {WANT[kind]}, got {got}{hint}")
+        if not any(t.strip() for t in texts):
+            raise AnnotationError(f'{where}: no usable {key.rstrip("s")} ("{key}": {json.dumps(e[key])})')
     return [e for _, e in items]
 
 
@@ -215,11 +239,6 @@ def _image_root(image_root):
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder not found")
     return root
-
-
-def entry_captions(entry):
-    """An annotation entry's "caption" (str | [str]) as a list."""
-    return [entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]
 
 
 class CaptionDataset(torch.utils.data.Dataset):
@@ -274,15 +293,20 @@ def load_retrieval(ann_file, image_root, max_words=50, max_images=0, captions_pe
     -> images (paths), texts (cleaned captions), img2txt (text indices per image), txt2img (image index per text).
     max_images / captions_per_image > 0 keep the first ones only."""
     root = _image_root(image_root)
-    images, texts, img2txt, txt2img = [], [], [], []
-    entries = read_annotations(ann_file)
-    for i, e in enumerate(entries[:max_images or None]):
-        captions = entry_captions(e)[:captions_per_image or None]
-        images.append(str(root / e["image"]))
-        img2txt.append(list(range(len(texts), len(texts) + len(captions))))
-        txt2img += [i] * len(captions)
-        texts += [pre_caption(c, max_words) for c in captions]
-    return images, texts, img2txt, txt2img
+    entries = read_annotations(ann_file)[:max_images or None]
+    captions = [[pre_caption(c, max_words) for c in entry_captions(e)[:captions_per_image or None]] for e in entries]
+    return [str(root / e["image"]) for e in entries], *retrieval_index(captions)
+
+
+def retrieval_index(captions):
+    """[[caption, ...] per image] -> texts (all, in order), img2txt (text indices per image), txt2img (image index
+    per text)."""
+    texts, img2txt, txt2img = [], [], []
+    for i, cs in enumerate(captions):
+        img2txt.append(list(range(len(texts), len(texts) + len(cs))))
+        txt2img += [i] * len(cs)
+        texts += cs
+    return texts, img2txt, txt2img
 
 
 # -----------------------------------------------------------------------------

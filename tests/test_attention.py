@@ -80,7 +80,8 @@ def test_attention_errors(blip2_opt, images, tmp_path):
     code, out, err = run(f"--init_from={blip2_opt[0]}", f"--image={images}", f"--attention={tmp_path / 'a.png'}")
     assert code != 0 and len(err.strip().splitlines()) == 1 and err.startswith("error: --attention "), err
     # the other refusals, in-process (they come before the model load)
-    for cfg, msg in [(SampleConfig(caption_ann="x.json", attention="a.png"), "error: --attention "),
+    for cfg, msg in [(SampleConfig(attention="a.png"), "error: --attention "),
+                     (SampleConfig(caption_ann="x.json", attention="a.png"), "python eval.py --caption_ann=x.json"),
                      (SampleConfig(image="x.png", attention=str(tmp_path / "nowhere" / "a.png")), "nowhere")]:
         with pytest.raises(SystemExit) as e:
             main(cfg)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nanoblip2.data import (CLIP_MEAN, CLIP_STD, CaptionDataset, collate, eval_transform, load_image, load_retrieval,
-                            pre_caption, random_resized_crop, read_annotations, train_transform)
+from nanoblip2.data import (CLIP_MEAN, CLIP_STD, AnnotationError, CaptionDataset, collate, eval_transform, load_image,
+                            load_retrieval, pre_caption, random_resized_crop, read_annotations, train_transform)
 from nanoblip2.tokenizer import load_bert_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +219,9 @@ def test_missing_paths_are_named(coco, tmp_path):
     (['[{"image": "a.png", "caption": "x"},', '{"caption": "x"}]'], "[1]: ", "keys ['caption']"),
     (['[{"image": "a.png", "caption": "x"},', '{"image": "a.png" "caption": "x"}]'], ":2: ", "bad JSON"),
     (['{"images": [], "dataset": "coco"}'], ":1: ", "Karpathy file? convert it with data/coco/prepare.py"),
+    (['{"image": "a.png", "caption": "x"}', '{"image": "a.png", "caption": []}'], ":2: ", 'caption ("caption": [])'),
+    (['[{"image": "a.png", "caption": ["", " "]}]'], "[0]: ", 'no usable caption ("caption": ["", " "])'),
+    (['{"image": "a.png", "caption": ""}'], ":1: ", "no usable caption"),
 ])
 def test_broken_annotations_name_the_line(tmp_path, lines, where, what):
     path = tmp_path / "ann.jsonl"
@@ -227,6 +230,28 @@ def test_broken_annotations_name_the_line(tmp_path, lines, where, what):
         read_annotations(path)
     assert str(e.value).startswith(f"{path}{where}") and what in str(e.value)
     assert e.value.__context__ is None or e.value.__suppress_context__  # one error, no json traceback
+
+
+def test_vqa_annotations(tmp_path, coco):
+    path = tmp_path / "vqa.jsonl"
+    good = {"image": "a.png", "question": "why?", "answers": ["no", "yes"], "type": "why"}
+    path.write_text(json.dumps(good) + "\n")
+    assert read_annotations(path, "vqa") == [good]
+    for bad, where, what in [(dict(good, answers=[]), ":2: ", 'no usable answer ("answers": [])'),
+                             (dict(good, answers=[""]), ":2: ", "no usable answer"),
+                             (dict(good, answers="no"), ":2: ", '"answers": [str, ...]}, got keys'),
+                             ({"image": "a.png", "caption": "x"}, ":2: ", "got keys ['caption', 'image']")]:
+        path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(AnnotationError) as e:
+            read_annotations(path, "vqa")
+        assert str(e.value).startswith(f"{path}{where}") and what in str(e.value), str(e.value)
+    with pytest.raises(AnnotationError, match=":1: want"):  # a VQA file is not a caption file
+        read_annotations(path)
+    empty = tmp_path / "empty.json"  # every reader refuses an entry with no caption
+    empty.write_text(json.dumps([{"image": "a.png", "caption": []}]))
+    for read in (lambda: CaptionDataset(empty, coco[1], eval_transform(32)), lambda: load_retrieval(empty, coco[1])):
+        with pytest.raises(AnnotationError, match=r"empty.json\[0\]: no usable caption"):
+            read()
 
 
 def test_load_retrieval(coco):
