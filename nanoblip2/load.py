@@ -59,16 +59,35 @@ def _template_regex(template):
     return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 
-def _resolve(table, key):
-    """Our key -> (fn or None, [HF keys]) using the first matching template, or None if no template matches."""
-    if isinstance(table.get(key), str):
-        return None, [table[key]]
-    for ours, src in table.items():
+def match(table, key):
+    """Our key -> (its entry in `table`, the HF keys it names with the layer index filled in), or None. An entry is
+    an HF template, or (fn, [HF templates]) / (fn, [HF templates], inverse) for tensors that are combined."""
+    for ours, entry in [(key, table[key])] if key in table else table.items():
         m = _template_regex(ours).match(key)
         if m:
-            fn, srcs = (None, [src]) if isinstance(src, str) else src
-            return fn, [s.format(i=m.group("i")) if "{i}" in s else s for s in srcs]
+            i, names = m.groupdict().get("i"), [entry] if isinstance(entry, str) else entry[1]
+            return entry, [s.format(i=i) if "{i}" in s else s for s in names]
     return None
+
+
+def _resolve(table, key):
+    """Our key -> (fn or None, [HF keys]) using the first matching template, or None if no template matches."""
+    hit = match(table, key)
+    if hit is None:
+        return None
+    entry, names = hit
+    return None if isinstance(entry, str) else entry[0], names
+
+
+def prefixed(keys, ours="", hf=""):
+    """`load_weights` arguments (table, ignore, fresh, canon) of a part, for a bigger module that holds it under
+    `ours` and a bigger file that holds it under `hf` (BLIP-2's vision_model., qformer., language_model.)."""
+    put = lambda e: hf + e if isinstance(e, str) else (e[0], [hf + s for s in e[1]], *e[2:])
+    canon = keys["canon"]
+    if canon and hf:  # the part's own renaming, under the prefix
+        canon = lambda k, c=keys["canon"]: hf + c(k.removeprefix(hf)) if k.startswith(hf) else k
+    return dict(table={ours + k: put(e) for k, e in keys["table"].items()}, ignore=[hf + p for p in keys["ignore"]],
+                fresh=[ours + p for p in keys["fresh"]], canon=canon)
 
 
 def load_weights(module, folder_or_files, table, ignore=(), fresh=(), canon=None, verbose=True):

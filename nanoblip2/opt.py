@@ -17,8 +17,8 @@ Notable details
 - The KV cache is a plain list of (k, v) per layer, each (B, H, S, head_dim); a step concatenates to it. Batch is
   dim 0 everywhere, so a beam search reorders it with [(k[idx], v[idx]) for k, v in cache].
 - No dropout: BLIP-2 keeps the LLM frozen in eval mode.
-- Checkpoints: keys are matched in the BLIP-2 layout (language_model.model.decoder.*); `canon` maps standalone
-  facebook/opt-* files (model.decoder.*, or decoder.* in old ones) onto it. A tied lm_head.weight is ignored
+- Checkpoints: keys are matched in the facebook/opt-* layout (model.decoder.*, or decoder.* in old files), put
+  under language_model. for a BLIP-2 folder. A tied lm_head.weight is ignored
   (transformers 5 does not write it, older files do).
 """
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .linear import Linear, linear
-from .load import build_empty, load_weights, read_config
+from .load import build_empty, load_weights, prefixed, read_config
 
 
 @dataclass
@@ -76,6 +76,16 @@ class OPTConfig:
                    bias=hf["enable_bias"], ln_affine=hf["layer_norm_elementwise_affine"], pad_id=hf["pad_token_id"],
                    bos_id=hf["bos_token_id"], eos_id=eos[0] if isinstance(eos, list) else eos,
                    tie_word_embeddings=hf["tie_word_embeddings"])
+
+    def to_hf(self):
+        """The inverse of `from_hf`: an OPTForCausalLM config.json."""
+        return dict(architectures=["OPTForCausalLM"], model_type="opt", vocab_size=self.vocab_size,
+                    hidden_size=self.width, num_hidden_layers=self.depth, num_attention_heads=self.heads,
+                    ffn_dim=self.ffn_dim, max_position_embeddings=self.max_positions,
+                    word_embed_proj_dim=self.word_embed_proj_dim, do_layer_norm_before=self.pre_norm,
+                    _remove_final_layer_norm=self.pre_norm and not self.final_norm, enable_bias=self.bias,
+                    layer_norm_elementwise_affine=self.ln_affine, activation_function="relu", pad_token_id=self.pad_id,
+                    bos_token_id=self.bos_id, eos_token_id=self.eos_id, tie_word_embeddings=self.tie_word_embeddings)
 
 
 PRESETS = {
@@ -178,32 +188,34 @@ class OPT(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, device="cpu", dtype=None):
         """From a facebook/opt-* folder or the language model of a BLIP-2 (OPT) folder."""
-        cfg = OPTConfig.from_hf(read_config(folder))
+        d = read_config(folder)
+        cfg = OPTConfig.from_hf(d)
+        keys = hf_keys(cfg)
+        if d.get("model_type") == "blip-2":  # its language model: under language_model., beside the other parts
+            keys = prefixed(keys, hf="language_model.")
+            keys["ignore"] += ["vision_model.*", "qformer.*", "query_tokens", "language_projection.*"]
         model = build_empty(cls, cfg, device, dtype)
-        load_weights(model, folder, **hf_keys(cfg))
+        load_weights(model, folder, **keys)
         return model.eval()
 
 
 def _canon(key):
-    """Standalone OPT keys -> the BLIP-2 layout: model.decoder.* / decoder.* / lm_head.* -> language_model.*"""
-    if key.startswith("decoder."):
-        key = "model." + key
-    return "language_model." + key if key.startswith(("model.decoder.", "lm_head.")) else key
+    """Old facebook/opt-* files say decoder.*, newer ones model.decoder.*"""
+    return "model." + key if key.startswith("decoder.") else key
 
 
-def hf_keys(cfg, prefix=""):
-    """`load_weights` arguments (table, ignore, canon) for a BLIP-2 (OPT) folder or a standalone facebook/opt-*
-    folder. `prefix` is put before our keys, for an OPT that sits inside a bigger module (e.g. "opt.")."""
-    D, L = "language_model.model.decoder.", "language_model.model.decoder.layers.{i}."
+def hf_keys(cfg):
+    """`load_weights` arguments for a facebook/opt-* folder; `prefixed(..., hf="language_model.")`: a BLIP-2 one.
+    Each entry of `both` is a .weight and a .bias."""
+    D, L = "model.decoder.", "model.decoder.layers.{i}."
     table = {"embed_tokens.weight": D + "embed_tokens.weight", "embed_positions.weight": D + "embed_positions.weight",
              "project_in.weight": D + "project_in.weight", "project_out.weight": D + "project_out.weight",
              "ln_f.weight": D + "final_layer_norm.weight", "ln_f.bias": D + "final_layer_norm.bias",
-             "lm_head.weight": "language_model.lm_head.weight"}
-    for ours, theirs in (("ln1", "self_attn_layer_norm"), ("ln2", "final_layer_norm"), ("fc1", "fc1"), ("fc2", "fc2"),
-                         ("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"),
-                         ("attn.v", "self_attn.v_proj"), ("attn.out", "self_attn.out_proj")):
-        table |= {f"layers.{{i}}.{ours}.{p}": f"{L}{theirs}.{p}" for p in ("weight", "bias")}
-    ignore = ["vision_model.*", "qformer.*", "query_tokens", "language_projection.*"]  # the rest of a BLIP-2 folder
-    if cfg.tie_word_embeddings:
-        ignore.append("language_model.lm_head.weight")  # = embed_tokens; written by older transformers only
-    return dict(table={prefix + k: v for k, v in table.items()}, ignore=ignore, canon=_canon)
+             "lm_head.weight": "lm_head.weight"}
+    both = {"layers.{i}.ln1": L + "self_attn_layer_norm", "layers.{i}.ln2": L + "final_layer_norm",
+            "layers.{i}.fc1": L + "fc1", "layers.{i}.fc2": L + "fc2",
+            "layers.{i}.attn.q": L + "self_attn.q_proj", "layers.{i}.attn.k": L + "self_attn.k_proj",
+            "layers.{i}.attn.v": L + "self_attn.v_proj", "layers.{i}.attn.out": L + "self_attn.out_proj"}
+    table |= {f"{ours}.{p}": f"{hf}.{p}" for ours, hf in both.items() for p in ("weight", "bias")}
+    ignore = ["lm_head.weight"] if cfg.tie_word_embeddings else []  # = embed_tokens; older transformers wrote it
+    return dict(table=table, ignore=ignore, fresh=[], canon=_canon)

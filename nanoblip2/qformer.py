@@ -63,7 +63,23 @@ class QFormerConfig:
         return cls(width=b["hidden_size"], depth=b["num_hidden_layers"], heads=b["num_attention_heads"],
                    mlp=b["intermediate_size"], vision_width=vision_width, num_query_tokens=num_query_tokens,
                    cross_attention_freq=cross_attention_freq, vocab_size=b["vocab_size"] + 1,
-                   max_positions=b["max_position_embeddings"], eps=b["layer_norm_eps"], dropout=b["hidden_dropout_prob"])
+                   max_positions=b["max_position_embeddings"], eps=b["layer_norm_eps"],
+                   dropout=b["hidden_dropout_prob"])
+
+    def to_hf_bert(self, dec=True):
+        """The inverse of `from_hf_bert`: a BERT config.json, one word row fewer when the last one is [DEC]."""
+        return dict(architectures=["BertForMaskedLM" if self.text and self.lm_head else "BertModel"],
+                    model_type="bert", vocab_size=self.vocab_size - dec, hidden_size=self.width,
+                    num_hidden_layers=self.depth, num_attention_heads=self.heads, intermediate_size=self.mlp,
+                    hidden_act="gelu", hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout,
+                    max_position_embeddings=self.max_positions, type_vocab_size=2, layer_norm_eps=self.eps,
+                    pad_token_id=0)
+
+    def to_hf(self, text):
+        """The inverse of `from_hf_blip2`: a BLIP-2 qformer_config, with the text branch (retrieval) or without."""
+        d = {k: v for k, v in self.to_hf_bert(dec=False).items() if k not in ("architectures", "type_vocab_size")}
+        return d | dict(model_type="blip_2_qformer", cross_attention_frequency=self.cross_attention_freq,
+                        encoder_hidden_size=self.vision_width, use_qformer_text_input=text)
 
 
 PRESETS = {
@@ -215,62 +231,63 @@ class QFormer(nn.Module):
         return self.lm_head(hidden, self.word_embeddings.weight)
 
 
-def hf_table(cfg, prefix="qformer.", embed_prefix="embeddings."):
-    """Our Q-Former keys -> HF BLIP-2 keys (Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval)."""
-    L = prefix + "encoder.layer.{i}."
-    table = {"ln_embed.weight": prefix + "layernorm.weight", "ln_embed.bias": prefix + "layernorm.bias"}
-    table |= _layer_table(L, "attention.attention.", "attention.output.", "crossattention.",
-                          "intermediate_query.", "output_query.", "intermediate.", "output.")
-    if cfg.text:
-        table["word_embeddings.weight"] = embed_prefix + "word_embeddings.weight"
-        table["position_embeddings.weight"] = embed_prefix + "position_embeddings.weight"
-    return table
-
-
-def bert_table(cfg):
-    """Our Q-Former keys -> BERT keys (after `bert_canon`). What BERT lacks stays fresh (see `BERT_FRESH`)."""
-    L = "encoder.layer.{i}."
-    grow = lambda t: torch.cat([t, t.new_zeros(cfg.vocab_size - t.size(0), *t.shape[1:]).normal_(std=0.02)])
-    table = {
-        "word_embeddings.weight": (grow, ["embeddings.word_embeddings.weight"]),
-        "position_embeddings.weight": (lambda p, tt: p + tt[0], ["embeddings.position_embeddings.weight",
-                                                                  "embeddings.token_type_embeddings.weight"]),
-        "ln_embed.weight": "embeddings.LayerNorm.weight", "ln_embed.bias": "embeddings.LayerNorm.bias",
+def hf_keys(cfg):
+    """`load_weights` arguments for the Q-Former of a BLIP-2 folder: HF Blip2QFormerModel under qformer., and the
+    text embeddings of a Blip2ForImageTextRetrieval at the top level. Each entry of `both` is a .weight and a .bias."""
+    L = "qformer.encoder.layer.{i}."
+    both = {
+        "ln_embed": "qformer.layernorm",
+        "layers.{i}.attn.query": L + "attention.attention.query", "layers.{i}.attn.key": L + "attention.attention.key",
+        "layers.{i}.attn.value": L + "attention.attention.value", "layers.{i}.attn.dense": L + "attention.output.dense",
+        "layers.{i}.attn.ln": L + "attention.output.LayerNorm",
+        "layers.{i}.cross.query": L + "crossattention.attention.query",
+        "layers.{i}.cross.key": L + "crossattention.attention.key",
+        "layers.{i}.cross.value": L + "crossattention.attention.value",
+        "layers.{i}.cross.dense": L + "crossattention.output.dense",
+        "layers.{i}.cross.ln": L + "crossattention.output.LayerNorm",
+        "layers.{i}.ffn_query.fc1": L + "intermediate_query.dense",
+        "layers.{i}.ffn_query.fc2": L + "output_query.dense", "layers.{i}.ffn_query.ln": L + "output_query.LayerNorm",
+        "layers.{i}.ffn_text.fc1": L + "intermediate.dense", "layers.{i}.ffn_text.fc2": L + "output.dense",
+        "layers.{i}.ffn_text.ln": L + "output.LayerNorm",
     }
-    # the query FFN starts as a copy of the text FFN (LAVIS blip2_qformer.py)
-    table |= _layer_table(L, "attention.self.", "attention.output.", None, "intermediate.", "output.",
-                          "intermediate.", "output.")
-    if cfg.lm_head:
-        P = "cls.predictions."
-        table |= {"lm_head.dense.weight": P + "transform.dense.weight", "lm_head.dense.bias": P + "transform.dense.bias",
-                  "lm_head.ln.weight": P + "transform.LayerNorm.weight", "lm_head.ln.bias": P + "transform.LayerNorm.bias",
-                  "lm_head.bias": (lambda b: torch.cat([b, b.new_zeros(cfg.vocab_size - b.size(0))]), [P + "bias"])}
-    return table
+    table = {f"{ours}.{p}": f"{hf}.{p}" for ours, hf in both.items() for p in ("weight", "bias")}
+    if cfg.text:
+        table |= {"word_embeddings.weight": "embeddings.word_embeddings.weight",
+                  "position_embeddings.weight": "embeddings.position_embeddings.weight"}
+    return dict(table=table, ignore=[], fresh=[], canon=None)
 
 
-BERT_FRESH = ["layers.*.cross.*", "lm_head.*"]  # a plain BertModel folder has no MLM head
-BERT_IGNORE = ["pooler.*", "cls.seq_relationship.*", "cls.predictions.decoder.*", "embeddings.position_ids"]
+def bert_keys(cfg):
+    """`load_weights` arguments for a BERT folder (after `bert_canon`), the stage-1 Q-Former's initialisation. What
+    BERT lacks stays fresh: the cross-attention, and the MLM head when the folder is a plain BertModel."""
+    L, P, V = "encoder.layer.{i}.", "cls.predictions.", cfg.vocab_size
+    both = {
+        "ln_embed": "embeddings.LayerNorm",
+        "layers.{i}.attn.query": L + "attention.self.query", "layers.{i}.attn.key": L + "attention.self.key",
+        "layers.{i}.attn.value": L + "attention.self.value", "layers.{i}.attn.dense": L + "attention.output.dense",
+        "layers.{i}.attn.ln": L + "attention.output.LayerNorm",
+        # the query FFN starts as a copy of the text FFN (LAVIS blip2_qformer.py)
+        "layers.{i}.ffn_query.fc1": L + "intermediate.dense", "layers.{i}.ffn_query.fc2": L + "output.dense",
+        "layers.{i}.ffn_query.ln": L + "output.LayerNorm",
+        "layers.{i}.ffn_text.fc1": L + "intermediate.dense", "layers.{i}.ffn_text.fc2": L + "output.dense",
+        "layers.{i}.ffn_text.ln": L + "output.LayerNorm",
+        "lm_head.dense": P + "transform.dense", "lm_head.ln": P + "transform.LayerNorm",
+    }
+    table = {f"{ours}.{p}": f"{hf}.{p}" for ours, hf in both.items() for p in ("weight", "bias")}
+    grow = lambda t: torch.cat([t, t.new_zeros(V - t.size(0), *t.shape[1:]).normal_(std=0.02)])
+    table |= {  # the vocabulary grows by [DEC], and the inverses drop that last row
+        "word_embeddings.weight": (grow, ["embeddings.word_embeddings.weight"], lambda w: [w[:-1]]),
+        "lm_head.bias": (lambda b: torch.cat([b, b.new_zeros(V - b.size(0))]), [P + "bias"], lambda b: [b[:-1]]),
+        # no token-type table (LAVIS): its row 0 is folded into the positions, and written back as zeros
+        "position_embeddings.weight": (lambda p, tt: p + tt[0], ["embeddings.position_embeddings.weight",
+                                                                  "embeddings.token_type_embeddings.weight"],
+                                       lambda p: [p, p.new_zeros(2, p.size(1))]),
+    }
+    ignore = ["pooler.*", "cls.seq_relationship.*", "cls.predictions.decoder.*", "embeddings.position_ids"]
+    return dict(table=table, ignore=ignore, fresh=["layers.*.cross.*", "lm_head.*"], canon=bert_canon)
 
 
 def bert_canon(key):
     """bert-base-uncased names: optional `bert.` prefix, LayerNorm gamma/beta."""
     key = key.removeprefix("bert.")
     return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-
-
-def _layer_table(L, self_attn, self_out, cross, ffn_q_in, ffn_q_out, ffn_t_in, ffn_t_out):
-    table = {}
-    blocks = [("attn", self_attn, self_out)] + ([("cross", cross + "attention.", cross + "output.")] if cross else [])
-    for ours, att, out in blocks:
-        for name in ("query", "key", "value"):
-            for wb in ("weight", "bias"):
-                table[f"layers.{{i}}.{ours}.{name}.{wb}"] = L + att + f"{name}.{wb}"
-        for wb in ("weight", "bias"):
-            table[f"layers.{{i}}.{ours}.dense.{wb}"] = L + out + f"dense.{wb}"
-            table[f"layers.{{i}}.{ours}.ln.{wb}"] = L + out + f"LayerNorm.{wb}"
-    for ours, fin, fout in (("ffn_query", ffn_q_in, ffn_q_out), ("ffn_text", ffn_t_in, ffn_t_out)):
-        for wb in ("weight", "bias"):
-            table[f"layers.{{i}}.{ours}.fc1.{wb}"] = L + fin + f"dense.{wb}"
-            table[f"layers.{{i}}.{ours}.fc2.{wb}"] = L + fout + f"dense.{wb}"
-            table[f"layers.{{i}}.{ours}.ln.{wb}"] = L + fout + f"LayerNorm.{wb}"
-    return table

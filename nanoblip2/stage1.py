@@ -26,7 +26,7 @@ from . import vit as vt
 from .checkpoint import check_frozen
 from .data import pad_cat
 from .hub import resolve
-from .load import CheckpointError, build_empty, load_weights, read_config
+from .load import CheckpointError, build_empty, load_weights, prefixed, read_config
 from .training import _gather, _rows
 
 
@@ -64,12 +64,14 @@ class Querying(nn.Module):
         return self.qformer(query_embeds=self.query_tokens.expand(image.size(0), -1, -1), image=image)
 
     @staticmethod
-    def hf_table(cfg):
-        """Our keys -> HF BLIP-2 keys for this part; the subclasses add theirs. Used to load and to export."""
-        table = {"vit." + k: v for k, v in vt.hf_keys(cfg.vit)["table"].items()}
-        table |= {"qformer." + k: v for k, v in qf.hf_table(cfg.qformer).items()}
-        return table | {"query_tokens": "query_tokens", "ln_vision.weight": "vision_model.post_layernorm.weight",
-                        "ln_vision.bias": "vision_model.post_layernorm.bias"}
+    def hf_keys(cfg):
+        """`load_weights` arguments for this part of an HF BLIP-2 folder (the subclasses add theirs): the tables of
+        the ViT and the Q-Former under our prefixes, without their ignore lists (the file is read whole, strictly).
+        export.py reads the same table backwards."""
+        table = prefixed(vt.hf_keys(cfg.vit), "vit.")["table"] | prefixed(qf.hf_keys(cfg.qformer), "qformer.")["table"]
+        table |= {"query_tokens": "query_tokens", "ln_vision.weight": "vision_model.post_layernorm.weight",
+                  "ln_vision.bias": "vision_model.post_layernorm.bias"}
+        return dict(table=table, ignore=[], fresh=[], canon=None)
 
 
 class Blip2Stage1(Querying):
@@ -205,11 +207,12 @@ class Blip2Stage1(Querying):
     # --- loading ----------------------------------------------------------------------------------------
 
     @staticmethod
-    def hf_table(cfg):
-        """Our keys -> HF Blip2ForImageTextRetrieval keys (no temp, no ITG head there)."""
+    def hf_keys(cfg):
+        """`load_weights` arguments for an HF Blip2ForImageTextRetrieval folder (no temp, no ITG head there)."""
+        keys = Querying.hf_keys(cfg)
         heads = {"vision_proj": "vision_projection", "text_proj": "text_projection", "itm_head": "itm_head"}
-        return Querying.hf_table(cfg) | {f"{ours}.{p}": f"{hf}.{p}" for ours, hf in heads.items()
-                                         for p in ("weight", "bias")}
+        keys["table"] |= {f"{ours}.{p}": f"{hf}.{p}" for ours, hf in heads.items() for p in ("weight", "bias")}
+        return keys | dict(fresh=["temp"])
 
     @classmethod
     def from_pretrained(cls, src, image_size=None, device="cpu", dtype=None):
@@ -226,8 +229,7 @@ class Blip2Stage1(Querying):
                            embed_dim=d.get("image_text_hidden_size", 256),
                            ln_vision_eps=d["vision_config"]["layer_norm_eps"])
         model = build_empty(cls, cfg, device, dtype)
-        table = cls.hf_table(cfg)
-        load_weights(model, src, table, fresh=["temp"])
+        load_weights(model, src, **cls.hf_keys(cfg))
         with torch.no_grad():
             model.temp.fill_(0.07)  # not stored in HF checkpoints
         return model.eval()
@@ -262,8 +264,7 @@ class Blip2Stage1(Querying):
         with torch.no_grad():
             model.query_tokens.normal_(std=0.02)
             model.temp.fill_(0.07)
-        load_weights(model.qformer, bert_src, qf.bert_table(qcfg), ignore=qf.BERT_IGNORE, fresh=qf.BERT_FRESH,
-                     canon=qf.bert_canon)
+        load_weights(model.qformer, bert_src, **qf.bert_keys(qcfg))
         return model
 
 

@@ -20,7 +20,7 @@ from .checkpoint import check_frozen
 from .data import load_image
 from .generate import generate
 from .hub import resolve
-from .load import CheckpointError, build_empty, load_weights, read_config, safetensors_files
+from .load import CheckpointError, build_empty, load_weights, prefixed, read_config, safetensors_files
 from .stage1 import Blip2Stage1, Querying
 from .tokenizer import load_opt_tokenizer, load_t5_tokenizer
 
@@ -245,16 +245,18 @@ class Blip2(Querying):
         return model.to(dtype) if dtype is not None else model
 
     @staticmethod
-    def hf_table(cfg, keys=None):
-        """Our keys -> HF Blip2ForConditionalGeneration keys, and the LLM's load_weights arguments (its ignore list
-        and canon). keys: the file's key names, which tell a T5 head saved untied from one saved once."""
-        table = Querying.hf_table(cfg) | {f"language_projection.{p}": f"language_projection.{p}"
-                                          for p in ("weight", "bias")}
+    def hf_keys(cfg, keys=None):
+        """`load_weights` arguments for an HF Blip2ForConditionalGeneration folder: Querying's, the projection's, and
+        the LLM's under language_model. keys: the file's key names, which tell a T5 head saved untied from one saved
+        once."""
+        mapping = Querying.hf_keys(cfg)
+        mapping["table"] |= {f"language_projection.{p}": f"language_projection.{p}" for p in ("weight", "bias")}
         if isinstance(cfg.lm, t5m.T5Config):
-            lm = t5m.hf_keys(cfg.lm, "language_model.", keys)
-            return table | {"lm." + k: v for k, v in lm["table"].items()}, lm
-        lm = op.hf_keys(cfg.lm, prefix="lm.")
-        return table | lm["table"], lm
+            lm = t5m.hf_keys(cfg.lm, head_saved=keys is None or "language_model.lm_head.weight" in keys)
+        else:
+            lm = op.hf_keys(cfg.lm)
+        lm = prefixed(lm, "lm.", "language_model.")
+        return lm | dict(table=mapping["table"] | lm["table"])
 
     @classmethod
     def from_pretrained(cls, src, device="cpu", dtype=None, image_size=None):
@@ -278,7 +280,5 @@ class Blip2(Querying):
         model = build_empty(cls, cfg, device, dtype)
         model._set_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
         keys = {k for f in safetensors_files(folder) for k in safe_open(f, framework="pt").keys()}
-        table, lm = cls.hf_table(cfg, keys)
-        ignore = [p for p in lm["ignore"] if p.startswith("language_model.")]
-        load_weights(model, folder, table, ignore=ignore, canon=lm.get("canon"))
+        load_weights(model, folder, **cls.hf_keys(cfg, keys))
         return model.eval()

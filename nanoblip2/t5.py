@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from .linear import Linear, linear
-from .load import build_empty, load_weights, read_config, safetensors_files
+from .load import build_empty, load_weights, prefixed, read_config, safetensors_files
 
 ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_new": lambda: nn.GELU("tanh"), "silu": nn.SiLU}
 
@@ -86,6 +86,18 @@ class T5Config:
                    tie_word_embeddings=hf.get("scale_decoder_outputs", hf["tie_word_embeddings"]),
                    pad_id=hf["pad_token_id"], eos_id=eos if isinstance(eos, int) else eos[0],
                    decoder_start_id=hf["pad_token_id"] if start is None else start)
+
+    def to_hf(self):
+        """The inverse of `from_hf`: a T5ForConditionalGeneration config.json. transformers 5 reads the scaling of
+        the decoder output from `scale_decoder_outputs`, older versions from `tie_word_embeddings`."""
+        return dict(architectures=["T5ForConditionalGeneration"], model_type="t5", vocab_size=self.vocab_size,
+                    d_model=self.d_model, d_kv=self.d_kv, d_ff=self.d_ff, num_layers=self.enc_depth,
+                    num_decoder_layers=self.dec_depth, num_heads=self.heads,
+                    relative_attention_num_buckets=self.num_buckets, relative_attention_max_distance=self.max_distance,
+                    layer_norm_epsilon=self.eps, feed_forward_proj=("gated-" if self.gated else "") + self.act,
+                    dense_act_fn=self.act, is_gated_act=self.gated, tie_word_embeddings=self.tie_word_embeddings,
+                    scale_decoder_outputs=self.tie_word_embeddings, is_encoder_decoder=True, pad_token_id=self.pad_id,
+                    eos_token_id=self.eos_id, decoder_start_token_id=self.decoder_start_id)
 
 
 PRESETS = {  # the FlanT5 LLMs of BLIP-2, with BLIP-2's exact GELU
@@ -249,40 +261,38 @@ class T5(nn.Module):
         prefix = "language_model." if d.get("model_type") == "blip-2" else ""
         keys = {k for f in safetensors_files(folder) for k in safe_open(f, framework="pt").keys()}
         model = build_empty(cls, cfg, device, dtype)
-        load_weights(model, folder, **hf_keys(cfg, prefix, keys))
+        mapping = prefixed(hf_keys(cfg, head_saved=prefix + "lm_head.weight" in keys), hf=prefix)
+        if prefix:  # the language model of a BLIP-2 folder, beside the other parts
+            mapping["ignore"] += ["vision_model.*", "qformer.*", "query_tokens", "language_projection.*"]
+        load_weights(model, folder, **mapping)
         return model.eval()
 
 
-def hf_keys(cfg, prefix="", keys=None):
-    """`load_weights` arguments for a T5ForConditionalGeneration folder (prefix "") or a BLIP-2 folder
-    (prefix "language_model."). `keys`, the names in the checkpoint, are used only to notice an untied head
-    that was saved tied (see the docstring)."""
-    p = prefix
-    table = {"shared.weight": p + "shared.weight"}
-    for ours, decoder in (("encoder", False), ("decoder", True)):
-        L = f"{p}{ours}.block.{{i}}.layer."
-        ff = "2" if decoder else "1"  # the decoder's cross-attention is layer 1
-        table |= {
-            f"{ours}.rel_bias.weight": f"{p}{ours}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-            f"{ours}.norm.weight": f"{p}{ours}.final_layer_norm.weight",
-            f"{ours}.blocks.{{i}}.ln1.weight": L + "0.layer_norm.weight",
-            f"{ours}.blocks.{{i}}.ln2.weight": L + ff + ".layer_norm.weight",
-        }
-        table |= {f"{ours}.blocks.{{i}}.attn.{n}.weight": L + f"0.SelfAttention.{n}.weight" for n in "qkvo"}
-        table |= {f"{ours}.blocks.{{i}}.ffn.{n}.weight": L + f"{ff}.DenseReluDense.{n}.weight"
-                  for n in (("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo"))}
-        if decoder:
-            table[f"{ours}.blocks.{{i}}.ln_cross.weight"] = L + "1.layer_norm.weight"
-            table |= {f"{ours}.blocks.{{i}}.cross.{n}.weight": L + f"1.EncDecAttention.{n}.weight" for n in "qkvo"}
+def hf_keys(cfg, head_saved=True):
+    """`load_weights` arguments for a T5ForConditionalGeneration folder; `prefixed(..., hf="language_model.")`: a
+    BLIP-2 one. head_saved=False: the file has no lm_head.weight, and an untied head is read from shared.weight
+    (transformers 5 saves its always-tied head once, see the docstring)."""
+    E, D = "encoder.block.{i}.layer.", "decoder.block.{i}.layer."  # the decoder's layer 1 is the cross-attention
+    R = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    table = {
+        "shared.weight": "shared.weight", "lm_head.weight": "lm_head.weight" if head_saved else "shared.weight",
+        "encoder.rel_bias.weight": "encoder." + R, "decoder.rel_bias.weight": "decoder." + R,
+        "encoder.norm.weight": "encoder.final_layer_norm.weight",
+        "decoder.norm.weight": "decoder.final_layer_norm.weight",
+        "encoder.blocks.{i}.ln1.weight": E + "0.layer_norm.weight",
+        "encoder.blocks.{i}.ln2.weight": E + "1.layer_norm.weight",
+        "decoder.blocks.{i}.ln1.weight": D + "0.layer_norm.weight",
+        "decoder.blocks.{i}.ln_cross.weight": D + "1.layer_norm.weight",
+        "decoder.blocks.{i}.ln2.weight": D + "2.layer_norm.weight",
+    }
+    for n in "qkvo":
+        table |= {f"encoder.blocks.{{i}}.attn.{n}.weight": E + f"0.SelfAttention.{n}.weight",
+                  f"decoder.blocks.{{i}}.attn.{n}.weight": D + f"0.SelfAttention.{n}.weight",
+                  f"decoder.blocks.{{i}}.cross.{n}.weight": D + f"1.EncDecAttention.{n}.weight"}
+    for n in ("wi", "wi_0", "wi_1", "wo"):  # relu: wi; gated: wi_0, wi_1
+        table |= {f"encoder.blocks.{{i}}.ffn.{n}.weight": E + f"1.DenseReluDense.{n}.weight",
+                  f"decoder.blocks.{{i}}.ffn.{n}.weight": D + f"2.DenseReluDense.{n}.weight"}
     # older files repeat `shared` as embed_tokens (and as lm_head when tied); some carry an unused cross-attention bias
-    ignore = [p + "encoder.embed_tokens.weight", p + "decoder.embed_tokens.weight",
-              p + "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"]
-    if cfg.tie_word_embeddings:
-        ignore.append(p + "lm_head.weight")
-    elif keys is not None and p + "lm_head.weight" not in keys:
-        table["lm_head.weight"] = p + "shared.weight"  # transformers 5 saved its always-tied head once
-    else:
-        table["lm_head.weight"] = p + "lm_head.weight"
-    if p:  # a BLIP-2 folder: the rest is not the LLM
-        ignore += ["vision_model.*", "qformer.*", "query_tokens", "language_projection.*"]
-    return dict(table=table, ignore=ignore)
+    ignore = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+              "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"]
+    return dict(table=table, ignore=ignore + ["lm_head.weight"] * cfg.tie_word_embeddings, fresh=[], canon=None)

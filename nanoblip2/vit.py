@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .load import prefixed
+
 ACT = {"gelu": nn.GELU, "quick_gelu": lambda: QuickGELU(), "gelu_new": lambda: nn.GELU("tanh"), "relu": nn.ReLU}
 
 
@@ -49,13 +51,23 @@ class ViTConfig:
         v = d.get("vision_config", d) if d.get("model_type") in ("blip-2", "clip") else d
         if d.get("model_type") not in ("blip-2", "clip", "clip_vision_model"):
             raise ValueError(f"model_type {d.get('model_type')!r} is not a BLIP-2 or CLIP vision model")
-        hf = (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32,
-                   layer_norm_eps=1e-5, hidden_act="quick_gelu") if clip else
-              dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16, patch_size=14,
-                   layer_norm_eps=1e-6, hidden_act="gelu")) | dict(image_size=224) | v
+        hf = (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu") if clip else
+              dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                   patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu")) | dict(image_size=224) | v
         return cls(image_size=image_size or hf["image_size"], patch_size=hf["patch_size"], width=hf["hidden_size"],
                    depth=hf["num_hidden_layers"] - clip, heads=hf["num_attention_heads"], mlp=hf["intermediate_size"],
                    eps=hf["layer_norm_eps"], act=hf["hidden_act"], clip=clip, source_image_size=hf["image_size"])
+
+    def to_hf(self):
+        """The inverse of `from_hf`: a BLIP-2 vision_config (EVA) or a CLIPVisionModel config.json (CLIP, with the
+        last layer that we do not build)."""
+        d = dict(hidden_size=self.width, intermediate_size=self.mlp, num_hidden_layers=self.depth + self.clip,
+                 num_attention_heads=self.heads, image_size=self.image_size, patch_size=self.patch_size,
+                 layer_norm_eps=self.eps, hidden_act=self.act)
+        if self.clip:
+            return dict(architectures=["CLIPVisionModel"], model_type="clip_vision_model", num_channels=3) | d
+        return dict(model_type="blip_2_vision_model", qkv_bias=True) | d
 
 
 PRESETS = {
@@ -138,46 +150,55 @@ def interpolate_pos_embed(pos, num_patches, align_corners):
 
 
 def hf_keys(cfg):
-    """`load_weights` arguments for a BLIP-2 folder (EVA) or a CLIPVisionModel / CLIPModel folder (CLIP)."""
-    p = "" if cfg.clip else "vision_model."  # CLIP keys lose their prefix through `canon`
-    L = p + "encoder.layers.{i}."
-    n = (cfg.image_size // cfg.patch_size) ** 2
+    """`load_weights` arguments for a BLIP-2 folder (EVA) or a CLIPVisionModel / CLIPModel folder (CLIP): our key ->
+    its HF key (`{i}` the block), or (fn, [HF keys], inverse) where the file's tensors are combined; the inverse
+    (our tensor -> those HF tensors) is what export.py writes."""
+    n, C, zero = (cfg.image_size // cfg.patch_size) ** 2, cfg.width, torch.zeros_like
     pos = lambda t: interpolate_pos_embed(t, n, align_corners=cfg.clip)
+    L, A = "encoder.layers.{i}.", "encoder.layers.{i}.self_attn."
     table = {
-        "patch_embed.weight": p + "embeddings.patch_embedding.weight",
+        "patch_embed.weight": "embeddings.patch_embedding.weight",
         "blocks.{i}.norm1.weight": L + "layer_norm1.weight", "blocks.{i}.norm1.bias": L + "layer_norm1.bias",
         "blocks.{i}.norm2.weight": L + "layer_norm2.weight", "blocks.{i}.norm2.bias": L + "layer_norm2.bias",
         "blocks.{i}.mlp.fc1.weight": L + "mlp.fc1.weight", "blocks.{i}.mlp.fc1.bias": L + "mlp.fc1.bias",
         "blocks.{i}.mlp.fc2.weight": L + "mlp.fc2.weight", "blocks.{i}.mlp.fc2.bias": L + "mlp.fc2.bias",
     }
-    if not cfg.clip:
-        C = cfg.width
-        table |= {
-            "patch_embed.bias": p + "embeddings.patch_embedding.bias",
-            "cls_token": p + "embeddings.class_embedding",
-            "pos_embed": (pos, [p + "embeddings.position_embedding"]),
-            "blocks.{i}.attn.qkv.weight": L + "self_attn.qkv.weight",
-            "blocks.{i}.attn.q_bias": (lambda b: b[:C], [L + "self_attn.qkv.bias"]),  # HF stores cat(q, 0, v)
-            "blocks.{i}.attn.v_bias": (lambda b: b[2 * C:], [L + "self_attn.qkv.bias"]),
-            "blocks.{i}.attn.proj.weight": L + "self_attn.projection.weight",
-            "blocks.{i}.attn.proj.bias": L + "self_attn.projection.bias",
-        }
-        # ln_vision is loaded by blip2.py when wanted; the rest of a BLIP-2 folder is not the ViT
-        return dict(table=table, ignore=[p + "post_layernorm.*", "query_tokens", "qformer.*", "embeddings.*",
-                                         "language_*", "vision_projection.*", "text_projection.*", "itm_head.*"])
-    A = L + "self_attn."
+    if cfg.clip:
+        return _clip_keys(table, pos, cfg.depth)
     table |= {
-        "cls_token": (lambda t: t.reshape(1, 1, -1), [p + "embeddings.class_embedding"]),
-        "pos_embed": (pos, [p + "embeddings.position_embedding.weight"]),
-        "ln_pre.weight": p + "pre_layrnorm.weight", "ln_pre.bias": p + "pre_layrnorm.bias",
+        "patch_embed.bias": "embeddings.patch_embedding.bias",
+        "cls_token": "embeddings.class_embedding",
+        "pos_embed": (pos, ["embeddings.position_embedding"], lambda t: [t]),  # written at the model's image size
+        "blocks.{i}.attn.qkv.weight": A + "qkv.weight",
+        # HF stores one bias cat(q, 0, v): each of ours is written with zeros elsewhere, and the two add up
+        "blocks.{i}.attn.q_bias": (lambda b: b[:C], [A + "qkv.bias"], lambda q: [torch.cat([q, zero(q), zero(q)])]),
+        "blocks.{i}.attn.v_bias": (lambda b: b[2 * C:], [A + "qkv.bias"], lambda v: [torch.cat([zero(v), zero(v), v])]),
+        "blocks.{i}.attn.proj.weight": A + "projection.weight", "blocks.{i}.attn.proj.bias": A + "projection.bias",
+    }
+    # ln_vision (post_layernorm) is loaded by stage1.py when wanted; the rest of a BLIP-2 folder is not the ViT
+    keys = prefixed(dict(table=table, ignore=["post_layernorm.*"], fresh=[], canon=None), hf="vision_model.")
+    keys["ignore"] += ["query_tokens", "qformer.*", "embeddings.*", "language_*", "vision_projection.*",
+                       "text_projection.*", "itm_head.*"]
+    return keys
+
+
+def _clip_keys(table, pos, depth):
+    A = "encoder.layers.{i}.self_attn."
+    table |= {
+        "cls_token": (lambda t: t.reshape(1, 1, -1), ["embeddings.class_embedding"], lambda t: [t.flatten()]),
+        "pos_embed": (pos, ["embeddings.position_embedding.weight"], lambda t: [t[0]]),
+        "ln_pre.weight": "pre_layrnorm.weight", "ln_pre.bias": "pre_layrnorm.bias",
         "blocks.{i}.attn.qkv.weight": (lambda q, k, v: torch.cat([q, k, v]),
-                                       [A + "q_proj.weight", A + "k_proj.weight", A + "v_proj.weight"]),
-        "blocks.{i}.attn.q_bias": A + "q_proj.bias",
+                                       [A + "q_proj.weight", A + "k_proj.weight", A + "v_proj.weight"],
+                                       lambda w: w.chunk(3)),
+        # the k bias has no effect on softmax (see the docstring): read but not kept, written back as zeros
+        "blocks.{i}.attn.q_bias": (lambda q, k: q, [A + "q_proj.bias", A + "k_proj.bias"],
+                                   lambda q: [q, torch.zeros_like(q)]),
         "blocks.{i}.attn.v_bias": A + "v_proj.bias",
         "blocks.{i}.attn.proj.weight": A + "out_proj.weight", "blocks.{i}.attn.proj.bias": A + "out_proj.bias",
     }
-    ignore = [A.format(i="*") + "k_proj.bias",  # no effect on softmax, see the docstring
-              L.format(i=cfg.depth) + "*",     # the last layer: BLIP-2 takes the second-last one's output
-              "post_layernorm.*", "text_model.*", "visual_projection.*", "text_projection.*", "logit_scale"]
+    # the last layer is not built: BLIP-2 takes the second-last one's output
+    ignore = [f"encoder.layers.{depth}.*", "post_layernorm.*", "text_model.*", "visual_projection.*",
+              "text_projection.*", "logit_scale"]
     # CLIPModel and older CLIPVisionModel files prefix the vision keys with `vision_model.`, newer ones do not
-    return dict(table=table, ignore=ignore, canon=lambda k: k.removeprefix("vision_model."))
+    return dict(table=table, ignore=ignore, fresh=[], canon=lambda k: k.removeprefix("vision_model."))

@@ -326,12 +326,58 @@ def test_save_weights_is_strict(tmp_path):
     table = {"0.weight": "a.weight", "0.bias": "a.bias", "1.weight": (lambda w: w * 2, ["b.weight"])}
     with pytest.raises(ValueError, match=r"not in the table: 1\.bias.*without an inverse: 1\.weight"):
         save_weights(m, str(tmp_path / "x.safetensors"), table)
-    table["1.bias"] = "a.bias"
+    table["1.bias"], table["1.weight"] = "a.bias", (lambda w: w * 2, ["b.weight"], lambda w: [w / 2])
     with pytest.raises(ValueError, match="written twice"):
-        save_weights(m, str(tmp_path / "x.safetensors"), table, inverse={"1.weight": lambda w: {"b.weight": w / 2}})
+        save_weights(m, str(tmp_path / "x.safetensors"), table)
     table["1.bias"] = "b.bias"
-    save_weights(m, str(tmp_path / "x.safetensors"), table, inverse={"1.weight": lambda w: {"b.weight": w / 2}})
+    save_weights(m, str(tmp_path / "x.safetensors"), table)
     from safetensors.torch import load_file
     t = load_file(str(tmp_path / "x.safetensors"))
     assert sorted(t) == ["a.bias", "a.weight", "b.bias", "b.weight"] and torch.equal(t["b.weight"], m[1].weight / 2)
     assert not os.path.exists(str(tmp_path / "x.safetensors.tmp"))
+
+
+def test_to_hf_inverts_from_hf():
+    """Each config's `to_hf` is read back by its `from_hf` into the same config."""
+    for cfg in vt.PRESETS.values():
+        d = cfg.to_hf() if cfg.clip else dict(model_type="blip-2", vision_config=cfg.to_hf())
+        assert vt.ViTConfig.from_hf(d) == cfg
+    for cfg in op.PRESETS.values():
+        assert op.OPTConfig.from_hf(cfg.to_hf()) == cfg
+    for cfg in (*t5m.PRESETS.values(), t5m.T5Config(act="relu", gated=False, tie_word_embeddings=True, d_ff=37)):
+        assert t5m.T5Config.from_hf(cfg.to_hf()) == cfg
+    q = dataclasses.replace(qf.PRESETS["qformer-stage1"], vocab_size=99, vision_width=48, num_query_tokens=5)
+    assert qf.QFormerConfig.from_hf_bert(q.to_hf_bert(), 48, 5, q.cross_attention_freq) == q
+    blip2 = dict(model_type="blip-2", qformer_config=q.to_hf(text=True), vision_config=dict(hidden_size=48),
+                 num_query_tokens=5)
+    assert qf.QFormerConfig.from_hf_blip2(blip2) == dataclasses.replace(q, lm_head=False)
+
+
+def test_export_command(itm_folder, bert_folder, blip2_opt, tmp_path):
+    """`python -m nanoblip2.export` on one of our stage-1 checkpoints: transformers loads the folder it writes, the
+    BERT tokenizer comes from the checkpoint's training config, and what was dropped is printed. Then an HF BLIP-2
+    folder, in process: it comes back the same."""
+    import subprocess
+    import sys
+    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
+    from nanoblip2.checkpoint import save_checkpoint
+    from nanoblip2.export import main
+    ours = Blip2Stage1.from_vit_bert(itm_folder[0], bert_folder[0]).eval()
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("".join(t + "\n" for t in "[PAD] [UNK] [CLS] [SEP] [MASK] a cat on mat".split()))
+    config = {"nanoblip2": "stage1", "model": dataclasses.asdict(ours.cfg), "frozen": {"vit": itm_folder[0]},
+              "train": {"bert": str(bert)}}
+    save_checkpoint(str(tmp_path / "ckpt"), {k: v for k, v in ours.state_dict().items() if not k.startswith("vit.")},
+                    config, {})
+    run = subprocess.run([sys.executable, "-m", "nanoblip2.export", str(tmp_path / "ckpt"), str(tmp_path / "hf")],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    print(run.stdout, run.stderr)
+    assert run.returncode == 0 and "dropped temp, qformer.lm_head (ITG)" in run.stdout
+    assert "tokenizer.json" in run.stdout.split("now holds")[1]
+    check_retrieval(ours, Blip2ForImageTextRetrieval.from_pretrained(str(tmp_path / "hf")).eval(), "exported command")
+    text = "a cat on a mat"
+    want = load_bert_tokenizer(bert)(text)[0][0].tolist()
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(text).input_ids == want
+    main([blip2_opt[0], str(tmp_path / "hf2")])
+    same_state(Blip2.from_pretrained(blip2_opt[0]), Blip2.from_pretrained(str(tmp_path / "hf2")))
