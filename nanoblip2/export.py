@@ -276,7 +276,8 @@ def main(argv):
     """python -m nanoblip2.export <checkpoint> <out>: our stage-1 / stage-2 checkpoint folder, or an HF BLIP-2
     folder or Hub id, -> an HF Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder."""
     if len(argv) != 2 or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m nanoblip2.export <checkpoint> <out>\n" + main.__doc__.split(": ", 1)[1])
+        raise SystemExit("usage: python -m nanoblip2.export <checkpoint> <out>\n  <checkpoint>: our stage-1 or stage-2 "
+                         "checkpoint folder, or an HF BLIP-2 folder or Hub id; <out>: the HF folder to write")
     src, out = resolve(argv[0]), argv[1]
     d = read_config(src)
     if d.get("nanoblip2") == "stage1" or d.get("qformer_config", {}).get("use_qformer_text_input"):

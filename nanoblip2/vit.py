@@ -6,7 +6,7 @@ Notable details
 - BLIP-2 uses the *second-last* layer's output: EVA-g has 40 blocks and BLIP-2 keeps 39 (HF checkpoints store
   only those 39); CLIP-L has 24 and we build 23, ignoring the last one in the file.
 - The output is not normalised here. `ln_vision` (HF `vision_model.post_layernorm`) is a new, trainable
-  LayerNorm that belongs to the Q-Former side; it lives in blip2.py.
+  LayerNorm that belongs to the Q-Former side; it lives in stage1.py.
 - EVA: patch conv *with* bias, qkv Linear without bias plus separate q and v biases (no k bias), exact GELU,
   pre-LN blocks, eps 1e-6, no ln_pre. CLIP: patch conv without bias, `ln_pre` before the blocks, QuickGELU,
   eps 1e-5. A k bias adds q.b_k to every score of a row, which softmax ignores, so CLIP's k bias is dropped.
