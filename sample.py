@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from nanoblip2.load import num_params
 from nanoblip2.stage2 import Blip2
-from nanoblip2.cli import parse_args
+from nanoblip2.cli import parse_args, run
 from nanoblip2.data import AnnotationError, ImageError, load_image, open_image, to_rgb
 from nanoblip2.hub import HubError
 from nanoblip2.load import CheckpointError
@@ -154,9 +154,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    cfg = parse_args(SampleConfig(), doc=__doc__)
-    try:
-        main(cfg)
-    except (AnnotationError, CheckpointError, FileNotFoundError, HubError, ImageError) as e:  # bad input: one line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args(SampleConfig(), doc=__doc__))

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanoblip2.data import opt_batch, t5_batch
 from nanoblip2.stage1 import Blip2Stage1
 from nanoblip2.stage2 import Blip2
-from nanoblip2.cli import parse_args
+from nanoblip2.cli import parse_args, run
 from nanoblip2.data import (AnnotationError, CaptionDataset, entry_captions, eval_transform, load_image,
                             read_annotations, train_transform)
 from nanoblip2.checkpoint import checkpoint_folder, fingerprint, save_checkpoint
@@ -212,9 +212,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    cfg = parse_args(TrainConfig(), doc=__doc__)
-    try:
-        main(cfg)
-    except (AnnotationError, CheckpointError, FileNotFoundError, HubError) as e:  # bad input: one line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args(TrainConfig(), doc=__doc__))

@@ -2,12 +2,18 @@
 `--key=value` overrides for the config dataclass at the top of each script (nanoGPT's configurator, without exec).
 Values are parsed by the field's type; an unknown key or a bad value is a one-line error; -h lists the fields.
 `--key value` works too, except for booleans, where a bare `--key` means true.
+`run(main, cfg)` runs a script: a file or folder that cannot be used (CheckpointError, AnnotationError, ImageError,
+HubError, a missing file) is one line `error: ...` on stderr and exit status 2, never a traceback.
 A JSON file of {"key": value} given as an argument (e.g. config/stage1_coco_vitg.json) sets its keys the same way,
 in order: `python train_stage1.py config/stage1_coco_vitg.json --batch_size=32`.
 """
 import dataclasses
 import json
 import sys
+
+from .data import AnnotationError, ImageError
+from .hub import HubError
+from .load import CheckpointError
 
 
 def _parse(value, typ, key):
@@ -70,3 +76,11 @@ def parse_args(cfg, argv=None, doc=""):
             value = "true"
         setattr(cfg, key, _parse(value, fields[key].type, key))
     return cfg
+
+
+def run(main, cfg):
+    try:
+        main(cfg)
+    except (AnnotationError, CheckpointError, FileNotFoundError, HubError, ImageError) as e:  # bad input: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

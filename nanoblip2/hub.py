@@ -20,7 +20,7 @@ import urllib.request
 
 from tqdm import tqdm
 
-from .load import CheckpointError, safetensors_files
+from .load import CheckpointError, reading, safetensors_files
 
 
 OPTIONAL_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -40,7 +40,7 @@ def hub_cache():
 def _complete(snapshot):
     try:
         return os.path.isfile(os.path.join(snapshot, "config.json")) and bool(safetensors_files(snapshot))
-    except (CheckpointError, ValueError, KeyError):  # no weights, a missing shard, an unreadable index
+    except CheckpointError:  # no weights, a missing shard, an unreadable index
         return False
 
 
@@ -102,8 +102,9 @@ def resolve(src, revision="main"):
                     raise HubError(f"{base + name}: HTTP {e.code} {e.reason}") from None
             return True
 
+        index = os.path.join(snapshot, "model.safetensors.index.json")
         if get("model.safetensors.index.json"):
-            with open(os.path.join(snapshot, "model.safetensors.index.json")) as f:
+            with reading(index), open(index, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         else:
             shards = ["model.safetensors"]

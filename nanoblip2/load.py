@@ -15,7 +15,10 @@ Notable details
   first and peak memory stays at one model plus one tensor.
 - Old BERT checkpoints name LayerNorm parameters gamma/beta and prefix keys with `bert.`; `canon` rewrites
   file keys before matching.
+- Every file that loading reads (weights, configs, tokenizers, optimiser state) is read inside `reading(path)`:
+  whatever goes wrong there (a truncated file, bad JSON, a refused pickle) is one CheckpointError naming the file.
 """
+import contextlib
 import fnmatch
 import json
 import os
@@ -27,22 +30,47 @@ from safetensors import safe_open
 
 
 class CheckpointError(ValueError):
-    pass
+    """A model, tokenizer or checkpoint file that cannot be used. The message is one line and starts with its path."""
+
+
+@contextlib.contextmanager
+def reading(path):
+    """Every failure to read or use the file or folder `path` inside this block -> CheckpointError naming it: a
+    truncated safetensors, a config.json that is not JSON or lacks a key, a folder of the wrong kind of model (our
+    own ValueErrors), a damaged optim.pt or one that torch.load(weights_only=True) refuses."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        if type(e) is ValueError:  # ours, e.g. "model_type 'bert' is not a BLIP-2 or CLIP vision model"
+            raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {_gist(e)})") from None
+
+
+def _gist(e):
+    """An error's message in one line: torch.load's and safetensors' run to paragraphs."""
+    refused = re.search(r"unsupported GLOBAL \S+", str(e))  # torch.load(weights_only=True): a pickle that runs code
+    text = e.strerror if isinstance(e, OSError) and e.strerror else refused[0] if refused else str(e).strip()
+    return text.partition("\n")[0].split(". ")[0]
 
 
 def read_config(folder):
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder}: no config.json, is this a Hugging Face model folder?")
-    with open(path) as f:
-        return json.load(f)
+    with reading(path), open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return d
 
 
 def safetensors_files(folder):
     """The weight files of an HF folder: model.safetensors, or the shards named by its index."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
+        with reading(index), open(index, encoding="utf-8") as f:
             names = sorted(set(json.load(f)["weight_map"].values()))
     elif os.path.isfile(os.path.join(folder, "model.safetensors")):
         names = ["model.safetensors"]
@@ -53,6 +81,15 @@ def safetensors_files(folder):
     if missing:
         raise CheckpointError(f"{folder}: index names missing shard(s) {', '.join(map(os.path.basename, missing))}")
     return files
+
+
+def safetensors_keys(files):
+    """{tensor name: file} over the files, from their headers (safe_open checks that the file holds all they list)."""
+    where = {}
+    for f in files:
+        with reading(f), safe_open(f, framework="pt") as h:
+            where.update(dict.fromkeys(h.keys(), f))
+    return where
 
 
 def _template_regex(template):
@@ -97,11 +134,7 @@ def load_weights(module, folder_or_files, table, ignore=(), fresh=(), canon=None
         files = safetensors_files(os.fspath(folder_or_files))
     else:
         files = list(folder_or_files)
-    where = {}  # canonical file key -> (file, original key)
-    for f in files:
-        with safe_open(f, framework="pt") as h:
-            for k in h.keys():
-                where[canon(k) if canon else k] = (f, k)
+    where = {canon(k) if canon else k: (f, k) for k, f in safetensors_keys(files).items()}  # canonical -> (file, key)
 
     ours = dict(module.state_dict(keep_vars=True))
     plan, missing, used = {}, [], set()
@@ -149,9 +182,10 @@ class _Reader:
         self.budget, self.file, self.handle, self.read = budget, None, None, 0
 
     def get(self, file, key):
-        if file != self.file or self.read > self.budget:
-            self.file, self.handle, self.read = file, safe_open(file, framework="pt"), 0
-        t = self.handle.get_tensor(key)
+        with reading(file):
+            if file != self.file or self.read > self.budget:
+                self.file, self.handle, self.read = file, safe_open(file, framework="pt"), 0
+            t = self.handle.get_tensor(key)
         self.read += t.numel() * t.element_size()
         return t
 

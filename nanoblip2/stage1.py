@@ -26,7 +26,7 @@ from . import vit as vt
 from .checkpoint import check_frozen
 from .data import pad_cat
 from .hub import resolve
-from .load import CheckpointError, build_empty, load_weights, prefixed, read_config
+from .load import CheckpointError, build_empty, load_weights, prefixed, read_config, reading
 from .training import _gather, _rows
 
 
@@ -252,8 +252,11 @@ class Blip2Stage1(Querying):
                       device="cpu"):
         """For training from scratch: the ViT of a BLIP-2 or CLIP folder, and a Q-Former initialised from BERT."""
         vit_src, bert_src = resolve(vit_src), resolve(bert_src)
-        vcfg = vt.ViTConfig.from_hf(read_config(vit_src), image_size)
-        qcfg = qf.QFormerConfig.from_hf_bert(read_config(bert_src), vcfg.width, num_query_tokens, cross_attention_freq)
+        with reading(vit_src):  # a folder of another kind (a BERT as the ViT) is an error that names it
+            vcfg = vt.ViTConfig.from_hf(read_config(vit_src), image_size)
+        with reading(bert_src):
+            qcfg = qf.QFormerConfig.from_hf_bert(read_config(bert_src), vcfg.width, num_query_tokens,
+                                                 cross_attention_freq)
         model = build_empty(cls, Stage1Config(vit=vcfg, qformer=qcfg, dec_id=qcfg.vocab_size - 1), device)
         load_weights(model.vit, vit_src, **vt.hf_keys(vcfg))
         # everything but the ViT starts fresh; then BERT overwrites what it provides

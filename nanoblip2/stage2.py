@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from . import opt as op
 from . import qformer as qf
@@ -20,7 +19,7 @@ from .checkpoint import check_frozen
 from .data import load_image
 from .generate import generate
 from .hub import resolve
-from .load import CheckpointError, build_empty, load_weights, prefixed, read_config, safetensors_files
+from .load import CheckpointError, build_empty, load_weights, prefixed, read_config, safetensors_files, safetensors_keys
 from .stage1 import Blip2Stage1, Querying
 from .tokenizer import load_opt_tokenizer, load_t5_tokenizer
 
@@ -279,6 +278,6 @@ class Blip2(Querying):
                           image_token_index=d.get("image_token_index"))
         model = build_empty(cls, cfg, device, dtype)
         model._set_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
-        keys = {k for f in safetensors_files(folder) for k in safe_open(f, framework="pt").keys()}
+        keys = safetensors_keys(safetensors_files(folder))
         load_weights(model, folder, **cls.hf_keys(cfg, keys))
         return model.eval()

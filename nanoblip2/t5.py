@@ -33,10 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from .linear import Linear, linear
-from .load import build_empty, load_weights, prefixed, read_config, safetensors_files
+from .load import build_empty, load_weights, prefixed, read_config, safetensors_files, safetensors_keys
 
 ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_new": lambda: nn.GELU("tanh"), "silu": nn.SiLU}
 
@@ -259,7 +258,7 @@ class T5(nn.Module):
         d = read_config(folder)
         cfg = T5Config.from_hf(d)
         prefix = "language_model." if d.get("model_type") == "blip-2" else ""
-        keys = {k for f in safetensors_files(folder) for k in safe_open(f, framework="pt").keys()}
+        keys = safetensors_keys(safetensors_files(folder))
         model = build_empty(cls, cfg, device, dtype)
         mapping = prefixed(hf_keys(cfg, head_saved=prefix + "lm_head.weight" in keys), hf=prefix)
         if prefix:  # the language model of a BLIP-2 folder, beside the other parts

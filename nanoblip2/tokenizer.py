@@ -60,6 +60,8 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from .load import CheckpointError, reading
+
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special ids the models need. Shared by the BERT, OPT and T5 loaders."""
@@ -125,11 +127,11 @@ def load_bert_tokenizer(folder: str | Path) -> Tokenizer:
     """The Q-Former tokenizer from a folder with `tokenizer.json` or `vocab.txt` (+ `tokenizer_config.json`)."""
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
-        tk = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        tk = from_file(folder / "tokenizer.json")
     elif (folder / "vocab.txt").is_file():
-        cfg_path = folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-        tokens = (folder / "vocab.txt").read_text(encoding="utf-8").removesuffix("\n").split("\n")
+        cfg = read_json(folder / "tokenizer_config.json")
+        with reading(folder / "vocab.txt"):
+            tokens = (folder / "vocab.txt").read_text(encoding="utf-8").removesuffix("\n").split("\n")
         vocab = {token: i for i, token in enumerate(tokens)}  # id = line number, as HF's load_vocab
         tk = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
         tk.normalizer = normalizers.BertNormalizer(
@@ -147,7 +149,13 @@ def load_bert_tokenizer(folder: str | Path) -> Tokenizer:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    with reading(path):
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def from_file(path: Path) -> HFTokenizer:
+    with reading(path):
+        return HFTokenizer.from_file(str(path))
 
 
 def load_opt_tokenizer(folder: str | Path) -> Tokenizer:
@@ -156,13 +164,14 @@ def load_opt_tokenizer(folder: str | Path) -> Tokenizer:
     folder = Path(folder)
     cfg = {**read_json(folder / "special_tokens_map.json"), **read_json(folder / "tokenizer_config.json")}
     if (folder / "tokenizer.json").is_file():
-        tk = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        tk = from_file(folder / "tokenizer.json")
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        tk = HFTokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+        with reading(folder / "vocab.json + merges.txt"):
+            tk = HFTokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
     else:
         raise FileNotFoundError(f"no OPT tokenizer in {folder}: looked for tokenizer.json or vocab.json + merges.txt")
     if not isinstance(tk.model, models.BPE):
-        raise ValueError(f"{folder}/tokenizer.json is a {type(tk.model).__name__}, not OPT's byte-level BPE")
+        raise CheckpointError(f"{folder}/tokenizer.json is a {type(tk.model).__name__}, not OPT's byte-level BPE")
     tk.normalizer = None
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=cfg.get("add_prefix_space", False))
     tk.decoder = decoders.ByteLevel()
@@ -175,8 +184,8 @@ def load_opt_tokenizer(folder: str | Path) -> Tokenizer:
     for i, token in sorted(added.items()):
         tk.add_tokens([token])
         if tk.token_to_id(token.content) != i:
-            raise ValueError(f"added token {token.content!r} should have id {i} in {folder}, "
-                             f"got {tk.token_to_id(token.content)}")
+            raise CheckpointError(f"{folder}: added token {token.content!r} should have id {i}, "
+                                  f"got {tk.token_to_id(token.content)}")
 
     def name(key):  # a string or, in older configs, an AddedToken dict; OPT's tokens by default
         value = cfg.get(f"{key}_token", "<pad>" if key == "pad" else "</s>")
@@ -197,14 +206,14 @@ def load_t5_tokenizer(folder: str | Path) -> Tokenizer:
     """The (Flan-)T5 tokenizer from a folder with `tokenizer.json`."""
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
-        tk = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        tk = from_file(folder / "tokenizer.json")
     elif (folder / "spiece.model").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {folder}: reading its spiece.model would need protobuf or "
                                 "sentencepiece; put the repo's tokenizer.json there (google/flan-t5-* has one)")
     else:
         raise FileNotFoundError(f"no T5 tokenizer in {folder}: looked for tokenizer.json (or spiece.model)")
     if not isinstance(tk.model, models.Unigram):
-        raise ValueError(f"{folder}/tokenizer.json is a {type(tk.model).__name__}, not T5's SentencePiece Unigram")
+        raise CheckpointError(f"{folder}/tokenizer.json is a {type(tk.model).__name__}, not T5's SentencePiece Unigram")
     tk.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tk.token_to_id("</s>"))])
     return Tokenizer(tk, pad="<pad>", bos=None, eos="</s>")

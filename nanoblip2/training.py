@@ -16,7 +16,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from .data import collate, pad_cat
+from .data import ImageError, collate, pad_cat
+from .load import reading
 
 
 def setup(cfg):
@@ -72,6 +73,7 @@ class Stream:
         # fixed-length text by default, so that every rank gathers the same shapes for ITC/ITM
         self.collate = functools.partial(collate, tokenizer=tokenizer, max_length=cfg.max_txt_len, padding=padding)
         self.epoch, self.batch_in_epoch, self.skipped = epoch, batch_in_epoch, 0
+        self.read = batch_in_epoch  # images read this epoch; a resumed one is not a whole pass, so it counts some
         self.it = self._loader()
 
     def _loader(self):
@@ -94,12 +96,16 @@ class Stream:
                 b = next(self.it)
                 self.batch_in_epoch += 1
             except StopIteration:
+                if self.read == 0:  # a whole pass without one readable image: the next would be no different
+                    raise ImageError(f"{self.cfg.image_root}: not one image of {self.cfg.train_ann} could be read "
+                                     f"({self.skipped} tried)") from None
                 if self.verbose and self.skipped:
                     print(f"epoch {self.epoch}: skipped {self.skipped} unreadable image(s)")
-                self.epoch, self.batch_in_epoch, self.skipped = self.epoch + 1, 0, 0
+                self.epoch, self.batch_in_epoch, self.skipped, self.read = self.epoch + 1, 0, 0, 0
                 self.it = self._loader()
                 continue
             self.skipped += b["skipped"]
+            self.read += len(b["index"])
             if len(b["index"]):  # a batch of nothing but unreadable images is passed over
                 return {k: v.to(self.cfg.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
 
@@ -121,15 +127,18 @@ def random_states(generator, ddp, world, pool=None):
 def resume(folder, optimizer, generator, rank, pool=None):
     """Restore the optimiser and this rank's random states (and NegativePool) from a checkpoint folder; returns
     (step, epoch, batch_in_epoch), where the run continues."""
-    state = torch.load(os.path.join(folder, "optim.pt"), weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"][rank])
-    generator.set_state(state["rng"]["generator"][rank])
-    if pool is not None and "pool" in state["rng"]:
-        pool.load_state_dict(state["rng"]["pool"][rank], device=generator.device)
-    with open(os.path.join(folder, "meta.json")) as f:
+    path = os.path.join(folder, "optim.pt")
+    with reading(path):  # weights_only: tensors and plain data, never a pickle that runs code
+        state = torch.load(path, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"][rank])
+        generator.set_state(state["rng"]["generator"][rank])
+        if pool is not None and "pool" in state["rng"]:
+            pool.load_state_dict(state["rng"]["pool"][rank], device=generator.device)
+    path = os.path.join(folder, "meta.json")
+    with reading(path), open(path, encoding="utf-8") as f:
         meta = json.load(f)
-    return meta["step"], meta["epoch"], meta["batch_in_epoch"]
+        return meta["step"], meta["epoch"], meta["batch_in_epoch"]
 
 
 class NegativePool:
