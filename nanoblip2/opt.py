@@ -14,8 +14,8 @@ Notable details
 - Causal + padding mask, with the diagonal always allowed: a padding query then sees at least itself, so no
   softmax row is empty (no NaN in any SDPA backend); rows of real tokens are unchanged.
 - The LM head is the token embedding matrix (tied) unless tie_word_embeddings is False.
-- The KV cache is a plain list of (k, v) per layer, each (B, H, S, head_dim); a step concatenates to it. Batch is
-  dim 0 everywhere, so a beam search reorders it with [(k[idx], v[idx]) for k, v in cache].
+- Generation: `prefill` runs the prompt once, `step` one token per row; their `Cache` (generate.py) holds the (k, v)
+  of every layer, each (B, H, S, head_dim), and the attention mask. `forward` takes the bare list of (k, v).
 - No dropout: BLIP-2 keeps the LLM frozen in eval mode.
 - Checkpoints: keys are matched in the facebook/opt-* layout (model.decoder.*, or decoder.* in old files), put
   under language_model. for a BLIP-2 folder. A tied lm_head.weight is ignored
@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .generate import Cache
 from .linear import Linear, linear
 from .load import build_empty, load_weights, prefixed, read_config
 
@@ -184,6 +185,19 @@ class OPT(nn.Module):
             x = self.project_out(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(x, head), new_cache
+
+    def prefill(self, inputs_embeds, attention_mask, tokens=None):
+        """The prompt (B, S, E), left-padded, then `tokens` (B, t) if given -> last position's logits (B, V), Cache."""
+        if tokens is not None:
+            inputs_embeds = torch.cat([inputs_embeds, self.embed(tokens).to(inputs_embeds.dtype)], dim=1)
+            attention_mask = F.pad(attention_mask, (0, tokens.size(1)), value=1)
+        logits, layers = self(inputs_embeds=inputs_embeds, attention_mask=attention_mask, keep=1)
+        return logits[:, -1], Cache(layers, attention_mask)
+
+    def step(self, tokens, cache):  # (B,) one new token per row -> logits (B, V), the cache one position longer
+        mask = F.pad(cache.mask, (0, 1), value=1)
+        logits, layers = self(tokens[:, None], attention_mask=mask, cache=cache.layers)
+        return logits[:, -1], Cache(layers, mask)
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", dtype=None):

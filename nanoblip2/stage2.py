@@ -6,6 +6,7 @@ Matches HF `Blip2ForConditionalGeneration` and LAVIS `blip2_opt.py` / `blip2_t5.
 import dataclasses
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,7 @@ from . import t5 as t5m
 from . import vit as vt
 from .checkpoint import check_frozen
 from .data import load_image
-from .generate import generate
+from .generate import Replay, generate, replay
 from .hub import resolve
 from .load import CheckpointError, build_empty, load_weights, prefixed, read_config, safetensors_files, safetensors_keys
 from .stage1 import Blip2Stage1, Querying
@@ -97,63 +98,30 @@ class Blip2(Querying):
         if do_sample and num_beams > 1:
             raise ValueError("sampling with beams is not implemented: use do_sample=True or num_beams > 1")
         lm, cfg = self.lm, self.cfg.lm
-        prompt = self.visual_prompt(pixel_values)
-        B, Q = prompt.size(0), prompt.size(1)
+        # 1) the soft visual prompt before the text
+        prompt = self.visual_prompt(pixel_values)                                       # (B, Q, C)
+        B, Q = prompt.shape[:2]
         if input_ids is None:
             input_ids = torch.full((B, 1), cfg.eos_id if self.is_t5 else cfg.bos_id, device=prompt.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = torch.cat([prompt, lm.embed(input_ids).to(prompt.dtype)], dim=1)  # (B, Q + T, C)
-        mask = torch.cat([attention_mask.new_ones(B, Q), attention_mask], dim=1)
+        embeds = torch.cat([prompt, lm.embed(input_ids).to(prompt.dtype)], dim=1)     # (B, Q + T, C)
+        mask = torch.cat([attention_mask.new_ones(B, Q), attention_mask], dim=1)       # (B, Q + T)
         if not self.is_t5:  # left padding goes before the queries, which is where HF puts it
             order = torch.argsort(mask, dim=1, stable=True)
             embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
-        # the prompt runs once per image; its outputs are then copied for each beam (rows: batch-major, then beams)
-        expand = lambda t: t.repeat_interleave(num_beams, dim=0)
-        if self.is_t5:
-            enc1 = lm.encode(inputs_embeds=embeds, attention_mask=mask)
-            enc, enc_mask = expand(enc1), expand(mask)
-            history = torch.full((B, 1), cfg.decoder_start_id, device=embeds.device)
-
-            def prefill():
-                return lm.decode(history, enc1, mask)
-
-            def run(seq, cache):  # the whole decoder input without a cache, else its newest token
-                return lm.decode(seq if cache is None else seq[:, -1:], enc, enc_mask, cache)
-        else:
-            history = input_ids
-
-            def prefill():
-                return lm(inputs_embeds=embeds, attention_mask=mask, keep=1)
-
-            def run(seq, cache):  # the generated tokens: all of them after the prompt without a cache, else the newest
-                full_mask = torch.cat([expand(mask), mask.new_ones(seq.size(0), seq.size(1))], dim=1)
-                if cache is None:
-                    x = torch.cat([expand(embeds), lm.embed(seq).to(embeds.dtype)], dim=1)
-                    return lm(inputs_embeds=x, attention_mask=full_mask, keep=1)
-                return lm(input_ids=seq[:, -1:], attention_mask=full_mask, cache=cache)
-        state = dict(seq=expand(history) if self.is_t5 else history.new_zeros(B * num_beams, 0), cache=None)
-
-        def start():
-            logits, cache = prefill()
-            if use_cache:
-                state["cache"] = [tuple(expand(t) for t in layer) for layer in cache]
-            return expand(logits[:, -1])
-
-        def step(tokens, beams):  # one new token per row, after reordering the rows along `beams`
-            if beams is not None:
-                state["seq"] = state["seq"][beams]
-                if use_cache:
-                    state["cache"] = [tuple(t[beams] for t in layer) for layer in state["cache"]]
-            state["seq"] = torch.cat([state["seq"], tokens[:, None]], dim=1)
-            logits, cache = run(state["seq"], state["cache"])
-            state["cache"] = cache if use_cache else None
-            return logits[:, -1]
-
-        return generate(start, step, history, eos_id=self.end_id, pad_id=cfg.pad_id,
-                        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-                        length_penalty=length_penalty, repetition_penalty=repetition_penalty, do_sample=do_sample,
-                        temperature=temperature, top_p=top_p, generator=generator)
+        # 2) prefill the prompt once (T5: the encoder, then the decoder's start token)
+        logits, cache = lm.prefill(embeds, mask)                                        # (B, V)
+        if not use_cache:  # the reference: every step runs prefill again, over the prompt and all new tokens
+            cache = Replay(embeds, mask, input_ids.new_zeros(B, 0))
+        # 3) expand the cache for the beams: rows batch-major, then beams
+        logits, cache = logits.repeat_interleave(num_beams, dim=0), cache.expand(num_beams)
+        # 4) search; the repetition penalty sees the prompt's ids (T5: the decoder's start token)
+        history = torch.full((B, 1), cfg.decoder_start_id, device=prompt.device) if self.is_t5 else input_ids
+        return generate(lm.step if use_cache else partial(replay, lm), logits, cache, history, eos_id=self.end_id,
+                        pad_id=cfg.pad_id, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                        num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+                        do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
 
     # --- the paper's two zero-shot uses ---------------------------------------------------------------------
 
@@ -180,7 +148,7 @@ class Blip2(Querying):
             raise RuntimeError("this model has no tokenizer; load it with Blip2.from_pretrained or set .tokenizer")
         side = "right" if self.is_t5 else "left"  # decoder-only prompts are left-padded (HF #22014)
         # OPT's learned positions end at max_positions; T5's relative ones do not, LAVIS cuts its prompts at 512
-        room = 512 if self.is_t5 else self.cfg.lm.max_positions - self.cfg.qformer.num_query_tokens - kw["max_new_tokens"]
+        room = 512 if self.is_t5 else self.cfg.lm.max_positions - self.query_tokens.size(1) - kw["max_new_tokens"]
         full, _ = self.tokenizer(prompts, truncation=False, padding_side=side)
         if full.size(1) > room:
             warnings.warn(f"prompt of {full.size(1)} tokens truncated to {room} to fit the model's context")

@@ -26,6 +26,8 @@ Notable details
   so `wo` may be kept in fp32 while the rest runs in bf16.
 - Decoding starts from decoder_start_id = pad = 0. eos is 1. The encoder input of BLIP-2 is
   cat(projected queries, embed(text ids)), which is why `encode` takes `inputs_embeds`.
+- Generation: `prefill` runs the encoder and the decoder's start token, `step` one token per row. The `Cache`
+  (generate.py) holds per decoder layer (self k, self v, cross k, cross v), and the encoder's mask.
 """
 import math
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .generate import Cache
 from .linear import Linear, linear
 from .load import build_empty, load_weights, prefixed, read_config, safetensors_files, safetensors_keys
 
@@ -251,6 +254,18 @@ class T5(nn.Module):
         if self.lm_head is None:  # tied head: scale first
             return linear(x * self.cfg.d_model ** -0.5, self.shared.weight), new_cache
         return self.lm_head(x), new_cache
+
+    def prefill(self, inputs_embeds, attention_mask, tokens=None):
+        """The encoder over the prompt (B, S, C), the decoder over the start token and `tokens` (B, t) if given
+        -> the last position's logits (B, V), Cache."""
+        enc = self.encode(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        dec = torch.full((enc.size(0), 1), self.cfg.decoder_start_id, device=enc.device)
+        logits, layers = self.decode(dec if tokens is None else torch.cat([dec, tokens], dim=1), enc, attention_mask)
+        return logits[:, -1], Cache(layers, attention_mask)
+
+    def step(self, tokens, cache):  # (B,) one new token per row -> logits (B, V), the cache one position longer
+        logits, layers = self.decode(tokens[:, None], None, cache.mask, cache.layers)
+        return logits[:, -1], Cache(layers, cache.mask)
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", dtype=None):

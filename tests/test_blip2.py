@@ -93,13 +93,17 @@ def test_generate_same_ids_as_hf(pair, kw):
     assert (got != end).all(dim=1).any() or got.size(1) < 12, "every sequence ended: no row hit the length limit"
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(num_beams=3, length_penalty=-1.0, min_new_tokens=2),
+                                dict(repetition_penalty=1.5), dict(do_sample=True, top_p=0.9)],
+                         ids=["greedy", "beam", "repetition", "sampling"])
 @torch.no_grad()
-def test_cache_free_greedy_equals_cached(pair):
+def test_cache_free_equals_cached(pair, kw):
     ours, _ = pair
     px = pixels(B=2, seed=6)
     ids, mask = prompts(ours, ["a photo of", ""])
-    a = ours.generate(px, ids, mask, max_new_tokens=10)
-    b = ours.generate(px, ids, mask, max_new_tokens=10, use_cache=False)
+    a = ours.generate(px, ids, mask, max_new_tokens=10, generator=torch.Generator().manual_seed(0), **kw)
+    b = ours.generate(px, ids, mask, max_new_tokens=10, generator=torch.Generator().manual_seed(0), use_cache=False,
+                      **kw)
     assert a.tolist() == b.tolist()
 
 

@@ -118,6 +118,26 @@ def test_cached_decoding_equals_full_forward(opt_folder):
 
 
 @torch.no_grad()
+def test_prefill_and_step(opt_folder):
+    """Generation's interface: prefill once, then one step per token, equals the full forward; the cache-free path
+    (prefill over the prompt and the tokens so far) too; expanding and reordering the Cache picks batch rows."""
+    ours = OPT.from_pretrained(opt_folder[0])
+    ids, mask = batch(T=10, left=True, seed=3)
+    full, _ = ours(ids, attention_mask=mask)  # (B, T, V); every row is real from position 4 on
+    P = 5
+    logits, cache = ours.prefill(ours.embed(ids[:, :P]), mask[:, :P])
+    steps = [logits]
+    for t in range(P, ids.size(1) - 1):
+        logits, cache = ours.step(ids[:, t], cache)
+        steps.append(logits)
+    close(torch.stack(steps, 1), full[:, P - 1:-1], "prefill + steps vs full forward")
+    assert cache.mask.tolist() == mask[:, :-1].tolist() and cache.layers[2][1].shape == (3, 3, 9, 16)
+    close(ours.prefill(ours.embed(ids[:, :P]), mask[:, :P], ids[:, P:])[0], full[:, -1], "prefill with tokens")
+    rows = torch.tensor([5, 0, 2, 2, 1, 4])  # of 3 items x 2 beams
+    stepped, _ = ours.step(ids[:, -1].repeat_interleave(2)[rows], cache.expand(2).reorder(rows))
+    close(stepped, full[:, -1].repeat_interleave(2, dim=0)[rows], "expanded and reordered cache, one step")
+
+@torch.no_grad()
 def test_opt350m_layout(tmp_path):
     """project_in/out around a narrower embedding, post-LN blocks, no final LayerNorm, and an untied head."""
     folder, hf = tiny_opt(tmp_path, seed=4, word_embed_proj_dim=20, do_layer_norm_before=False,

@@ -150,6 +150,27 @@ def test_cached_decoding(t5_folder):
     close(rest, ours.decode(dec[idx], enc[idx], mask[idx])[0][:, 4:], f"reordered cache, fp64 ({name})")
 
 
+@torch.no_grad()
+def test_prefill_and_step(t5_folder):
+    """Generation's interface, in fp64: prefill (the encoder, then the start token) and one step per token equal the
+    full decode; the cache-free path (prefill with the tokens so far) too; expand and reorder pick batch rows."""
+    folder, _ = t5_folder
+    ours = t5.T5.from_pretrained(folder).double()
+    ids, mask, dec = batch(T=7)  # dec[:, 0] is the start id
+    emb = ours.embed(ids)
+    full, _ = ours.decode(dec, ours.encode(inputs_embeds=emb, attention_mask=mask), mask)  # (B, 7, V)
+    logits, cache = ours.prefill(emb, mask)
+    steps = [logits]
+    for t in range(1, dec.size(1) - 1):
+        logits, cache = ours.step(dec[:, t], cache)
+        steps.append(logits)
+    close(torch.stack(steps, 1), full[:, :-1], "prefill + steps vs full decode")
+    assert cache.mask is mask and [tuple(t.shape[2] for t in layer) for layer in cache.layers] == [(6, 6, 9, 9)] * 3
+    close(ours.prefill(emb, mask, dec[:, 1:])[0], full[:, -1], "prefill with tokens")
+    rows = torch.tensor([5, 0, 2, 2, 1, 4])  # of 3 items x 2 beams
+    stepped, _ = ours.step(dec[:, -1].repeat_interleave(2)[rows], cache.expand(2).reorder(rows))
+    close(stepped, full[:, -1].repeat_interleave(2, dim=0)[rows], "expanded and reordered cache, one step")
+
 @pytest.fixture(scope="module", params=["saved-tied", "untied"])
 def blip2_folder(request, tmp_path_factory):
     from transformers import Blip2Config, Blip2ForConditionalGeneration
