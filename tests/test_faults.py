@@ -18,7 +18,7 @@ from nanoblip2.stage1 import Blip2Stage1
 from nanoblip2.stage2 import Blip2
 from nanoblip2.t5 import T5
 from nanoblip2.tokenizer import load_bert_tokenizer, load_opt_tokenizer
-from test_train_stage1 import ROOT, data, losses, train  # noqa: F401  (data is a fixture)
+from test_train_stage1 import ROOT, data, losses  # noqa: F401  (data is a fixture)
 
 
 def script(name, *args, env=None):
