@@ -5,31 +5,24 @@ or zero-shot VQA (§4.1). The model loads as in sample.py (--init_from, --device
     python eval.py --caption_ann=data/coco/test.json --image_root=data/coco/images --out_file=captions.json
     python eval.py --vqa_ann=vqav2_val.jsonl --image_root=data/vqav2/images --max_samples=1000
 
-Give one of --caption_ann, --vqa_ann:
-- --caption_ann: {"image", "caption": str | [str]} per entry (our format, data/coco/prepare.py). Every image is
-  captioned (beam 5, at most 30 new tokens, --prompt) and scored with COCO's BLEU-1..4 and CIDEr-D against all of its
-  captions, x100 as the paper reports them. Where the entries describe their scene (the shapes world's "objects",
-  "background"), the captions' attribute accuracy is reported too: how much of what they say is true.
-- --vqa_ann: {"image", "question", "answers": [str, ...]} per entry. Blip2.answer with the paper's prompt, beam 5,
-  length penalty -1, at most 10 new tokens, scored with the VQAv2 accuracy, also per question "type" where entries
-  have one.
-Image paths are relative to --image_root (default: the current folder); --max_samples evaluates the first ones only.
-Unreadable images are skipped and counted, not scored. --out_file writes the captions or answers as a JSON list.
-nanoblip2/evaluation.py holds the evaluations; the training scripts run them too.
+- --caption_ann: {"image", "caption": str | [str]} per entry. Each image is captioned (beam 5, at most 30 new tokens,
+  after --prompt) and scored with COCO's BLEU-1..4 and CIDEr-D against all of its captions, x100 as the paper
+  reports them; in the shapes world also by how much of what the captions say is true (attribute accuracy).
+- --vqa_ann: {"image", "question", "answers": [str, ...]} per entry. Answered with the paper's prompt (beam 5, length
+  penalty -1, at most 10 new tokens) and scored with the VQAv2 accuracy, also per question "type" where there is one.
+Image paths are relative to --image_root; --max_samples evaluates the first ones only. Unreadable images are skipped
+and counted. --out_file writes the captions or answers as a JSON list. The details: nanoblip2/evaluation.py.
 """
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nanoblip2.cli import parse_args
-from nanoblip2.data import AnnotationError, ImageError, read_annotations
+from nanoblip2.cli import parse_args, run
+from nanoblip2.data import read_annotations
 from nanoblip2.evaluation import captioning, skipped_note, vqa
-from nanoblip2.hub import HubError
-from nanoblip2.load import CheckpointError
 from sample import load_model
 
 
@@ -81,9 +74,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    cfg = parse_args(EvalConfig(), doc=__doc__)
-    try:
-        main(cfg)
-    except (AnnotationError, CheckpointError, FileNotFoundError, HubError, ImageError) as e:  # bad input: one line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args(EvalConfig(), doc=__doc__))

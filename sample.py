@@ -13,7 +13,6 @@ averaged over heads and cross-attention layers ([CLS] key dropped), one heat-map
 """
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -24,9 +23,7 @@ from PIL import Image, ImageDraw
 from nanoblip2.load import num_params
 from nanoblip2.stage2 import Blip2
 from nanoblip2.cli import parse_args, run
-from nanoblip2.data import AnnotationError, ImageError, load_image, open_image, to_rgb
-from nanoblip2.hub import HubError
-from nanoblip2.load import CheckpointError
+from nanoblip2.data import ImageError, load_image, open_image, to_rgb
 
 QUICK_START = "out/stage2/ckpt"  # where train_stage2.py's defaults write
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -13,28 +13,23 @@ The defaults are the quick start's, ~10 minutes on 2 CPU cores; the config files
 Periodic evaluation captions val_ann (beam 5) and reports CIDEr and BLEU (and, in the shapes world, how much of
 what the captions say is true); test_ann is captioned at the end. -h lists every option.
 """
-import contextlib
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanoblip2.data import opt_batch, t5_batch
 from nanoblip2.stage1 import Blip2Stage1
 from nanoblip2.stage2 import Blip2
 from nanoblip2.cli import parse_args, run
-from nanoblip2.data import (AnnotationError, CaptionDataset, entry_captions, eval_transform, load_image,
-                            read_annotations, train_transform)
-from nanoblip2.checkpoint import checkpoint_folder, fingerprint, save_checkpoint
-from nanoblip2.hub import HubError, resolve
-from nanoblip2.load import CheckpointError, read_config
-from nanoblip2.metrics import caption_scores, scene_accuracy
-from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, resume,
-                                setup)
+from nanoblip2.data import CaptionDataset, eval_transform, opt_batch, t5_batch, train_transform
+from nanoblip2.checkpoint import checkpoint_folder, fingerprint
+from nanoblip2.evaluation import captioning
+from nanoblip2.hub import resolve
+from nanoblip2.load import read_config
+from nanoblip2.training import (Stream, adamw, evaluations, freeze, get_lr, random_states, resume, save_run,
+                                setup, train_step, wrap)
 
 
 @dataclass
@@ -89,28 +84,10 @@ class TrainConfig:
     seed: int = 1337
 
 
-@torch.no_grad()
-def evaluate(model, cfg, ann_file, batch_size=16):
-    """Caption the images of ann_file and score them against its references: CIDEr-D and BLEU
-    (metrics.caption_scores), and, in the shapes world, how much of what they say is true (scene_accuracy)."""
-    entries = read_annotations(ann_file)[:cfg.eval_max_images or None]
-    res = []
-    for i in range(0, len(entries), batch_size):
-        pixels = torch.stack([load_image(os.path.join(cfg.image_root, e["image"]), model.cfg.vit.image_size)
-                              for e in entries[i:i + batch_size]])
-        res += model.caption(pixels, cfg.prompt, num_beams=cfg.eval_num_beams, max_new_tokens=cfg.eval_max_new_tokens)
-    refs = [entry_captions(e) for e in entries]
-    metrics = caption_scores(dict(enumerate(refs)), {k: [c] for k, c in enumerate(res)})
-    if all("objects" in e for e in entries):
-        metrics |= {f"scene_{k}": v for k, v in scene_accuracy(res, entries).items()}
-    return metrics, res
-
-
 def main(cfg):
     ddp, rank, world = setup(cfg)
     master = rank == 0
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
-    dtype = getattr(torch, cfg.dtype) if cfg.device.startswith("cuda") else torch.float32
 
     # --- model: the stage-1 Q-Former + a new projection + the frozen LLM ----------------------------------------
     torch.manual_seed(cfg.seed)  # the new projection starts the same on every rank
@@ -129,83 +106,57 @@ def main(cfg):
         model = Blip2.from_stage1(stage1, cfg.lm, device=cfg.device).train()
         frozen = {"vit": vit_source if cfg.freeze_vit else None, "lm": resolve(cfg.lm)}
     fingerprints = {k: fingerprint(resolve(v)) for k, v in frozen.items() if v}  # loading checks them
-    freeze(model.lm)
+    freeze(model.lm, cfg)  # the frozen parts are stored in bf16 on CUDA
     if cfg.freeze_vit:
-        freeze(model.vit)
-    if cfg.device.startswith("cuda"):  # the frozen parts are stored in bf16 on CUDA
-        model.lm.to(dtype)
-        if cfg.freeze_vit:
-            model.vit.to(dtype)
+        freeze(model.vit, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     splits = torch.Generator().manual_seed(cfg.seed + rank)  # FlanT5's prefix/suffix split points
     torch.manual_seed(cfg.seed + rank)                       # dropout
     step, epoch, batch_in_epoch = resume(src, optimizer, splits, rank) if cfg.init_from == "resume" else (0, 0, 0)
-    raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model)
+    raw, model = model, wrap(model, cfg, ddp)
     if master:
-        lm = "FlanT5" if raw.is_t5 else "OPT"
+        lm, vit = "FlanT5" if raw.is_t5 else "OPT", "frozen" if cfg.freeze_vit else "trained"
         print(f"stage 2: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, frozen {lm} "
-              f"({sum(p.numel() for p in raw.lm.parameters()) / 1e6:.1f}M), ViT {'frozen' if cfg.freeze_vit else 'trained'}"
-              f" ({cfg.device}, {world} process(es))")
+              f"({sum(p.numel() for p in raw.lm.parameters()) / 1e6:.1f}M), ViT {vit} "
+              f"({cfg.device}, {world} process(es))")
     transform = (train_transform if cfg.augment else eval_transform)(raw.cfg.vit.image_size)
     dataset = CaptionDataset(cfg.train_ann, cfg.image_root, transform, seed=cfg.seed,
                              captions_per_image=cfg.train_captions)
     stream = Stream(dataset, None, cfg, rank, world, epoch, batch_in_epoch, verbose=master)
+    config = {"nanoblip2": "stage2", "model": raw.cfg.to_dict(), "frozen": frozen, "fingerprints": fingerprints,
+              "train": asdict(cfg)}  # the checkpoints' config.json
+    not_saved = ("lm.", "vit.") if cfg.freeze_vit else ("lm.",)  # the frozen parts stay in their own files
 
-    def lm_batch(captions):
+    def forward(model, b):  # the LLM's loss on the captions, after the queries
         if raw.is_t5:
-            b = t5_batch(raw.tokenizer, captions, cfg.prompt or None, cfg.max_txt_len, generator=splits)
+            text = t5_batch(raw.tokenizer, b["captions"], cfg.prompt or None, cfg.max_txt_len, generator=splits)
         else:
-            b = opt_batch(raw.tokenizer, captions, cfg.prompt, cfg.max_txt_len, raw.cfg.qformer.num_query_tokens)
-        return {k: v.to(cfg.device) for k, v in b.items()}
+            text = opt_batch(raw.tokenizer, b["captions"], cfg.prompt, cfg.max_txt_len,
+                             raw.cfg.qformer.num_query_tokens)
+        return model(b["pixel_values"], {k: v.to(cfg.device) for k, v in text.items()})
 
-    def save(metrics):
-        rng = random_states(splits, ddp, world)
-        if master:
-            config = {"nanoblip2": "stage2", "model": raw.cfg.to_dict(), "frozen": frozen, "fingerprints": fingerprints,
-                      "train": asdict(cfg)}
-            trained = ("lm.", "vit.") if cfg.freeze_vit else ("lm.",)
-            tensors = {k: v for k, v in raw.state_dict().items() if not k.startswith(trained)}
-            meta = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch, "metrics": metrics}
-            save_checkpoint(ckpt_dir, tensors, config, meta, {"optimizer": optimizer.state_dict(), "rng": rng})
-            print(f"saved {ckpt_dir} at step {step}")
+    def evaluate(ann):  # captions (beam search) scored by CIDEr and BLEU, in the shapes world also how true they are
+        metrics, captions, skipped = captioning(raw, ann, cfg.image_root, cfg.prompt, cfg.eval_num_beams,
+                                                cfg.eval_max_new_tokens, cfg.eval_max_images)
+        return metrics, skipped, [f"first caption: {captions[0]['caption']!r}"]
 
     # --- the loop -----------------------------------------------------------------------------------------------
     t0, seen = time.time(), 0
     while step < cfg.max_steps:
         lr = get_lr(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            b = stream.next()
-            last = micro == cfg.grad_accum - 1
-            with autocast(cfg), (model.no_sync() if ddp and not last else contextlib.nullcontext()):
-                loss = model(b["pixel_values"], lm_batch(b["captions"]))["loss"]
-                (loss / cfg.grad_accum).backward()
-            seen += len(b["captions"]) * world
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        out, n = train_step(model, optimizer, params, stream, cfg, lr, forward)
         step += 1
+        seen += n * world
         if master and (step % cfg.log_interval == 0 or step == 1):
-            print(f"step {step} | loss {loss.item():.4f} | lr {lr:.2e} | {seen / (time.time() - t0):.1f} img/s")
+            print(f"step {step} | loss {out['loss'].item():.4f} | lr {lr:.2e} | {seen / (time.time() - t0):.1f} img/s")
             t0, seen = time.time(), 0
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            metrics = {}
+            metrics = evaluations(raw, step, cfg, evaluate, digits=4) if master else {}
+            rng = random_states(splits, ddp, world)  # every rank takes part
             if master:
-                raw.eval()
-                for split, ann in (("val", cfg.val_ann), ("test", cfg.test_ann if step == cfg.max_steps else "")):
-                    if ann:
-                        metrics[split], res = evaluate(raw, cfg, ann)
-                        print(f"eval {split} step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics[split].items()))
-                        print(f"eval {split} step {step} | first caption: {res[0]!r}")
-                raw.train()
-            save(metrics)
+                tensors = {k: v for k, v in raw.state_dict().items() if not k.startswith(not_saved)}
+                save_run(ckpt_dir, tensors, config, step, stream, optimizer, rng, metrics)
             t0, seen = time.time(), 0
     if ddp:
         dist.destroy_process_group()

@@ -1,5 +1,5 @@
 """
-Data: image transforms, caption datasets, collate. SPEC §1.3 (LAVIS lavis/processors/blip_processors.py,
+Data: image transforms, annotation files, caption datasets, collate (LAVIS lavis/processors/blip_processors.py,
 lavis/datasets/datasets/coco_caption_datasets.py, retrieval_datasets.py).
 
 load_image is the BLIP-2 eval transform and matches transformers' BlipImageProcessor (PIL backend,

@@ -4,17 +4,14 @@ CIDEr), zero-shot VQA (§4.1, VQAv2 accuracy) and image-text retrieval (§4.3, R
 captioning.py, vqa.py and retrieval.py.
 
 Notable details
-- Unreadable images are skipped and counted, as training skips them: one bad JPEG does not stop an evaluation.
-  Each evaluation returns the ImageError messages of the images it skipped; if none of a file's images can be
-  read, it raises one ImageError that names the file.
-- Captions are scored per image against all of its captions (an image may have several entries), with COCO's
-  BLEU-1..4 and CIDEr-D on the raw captions, PTB-tokenised as coco-caption does (metrics.caption_scores). The prompt
-  is not part of the scored caption: the LM's continuation is, as in LAVIS.
+- Unreadable images are skipped and counted, as in training, and each evaluation returns their ImageError messages.
+  If none of a file's images can be read, one ImageError names the file.
+- Captions are scored per image against all of its captions (an image may have several entries): COCO's BLEU-1..4
+  and CIDEr-D on the raw captions, PTB-tokenised as coco-caption does. The prompt is not part of the scored caption.
 - Where every image's entry describes its scene (the shapes world's "objects" and "background"), captioning also
   scores how much of what the captions say is true (metrics.scene_accuracy), as scene_accuracy and scene_objects.
-- VQA asks with Blip2.answer's prompt, the paper's ("Question: {} Answer:" for OPT, "Question: {} Short answer:" for
-  FlanT5), and scores with the VQAv2 accuracy (metrics.vqa_score), also per question "type" where entries have one.
-- Retrieval scores every pair by ITC and re-ranks each row's k_test best by ITM (Blip2Stage1.retrieval_scores). An
+- VQA asks with the paper's prompt (Blip2.answer) and scores with the VQAv2 accuracy, also per question "type".
+- Retrieval: ITC scores every pair, ITM re-ranks each row's k_test best (Blip2Stage1.retrieval_scores). An
   unreadable image is left out with its captions.
 """
 import os

@@ -32,7 +32,7 @@ def data(tmp_path_factory, bert_folder):
         entries.append({"image": f"{i}.png", "caption": [f"a {colour} {shape}", f"a {colour} {shape} on white background"]})
     (d / "images" / "broken.png").write_bytes(b"not a png")
     (d / "train.json").write_text(json.dumps(entries + [{"image": "broken.png", "caption": "a broken image"}]))
-    (d / "val.json").write_text(json.dumps(entries))
+    (d / "val.json").write_text(json.dumps(entries + [{"image": "broken.png", "caption": "a broken image"}]))
     bert = d / "bert"  # the tiny BERT of conftest (vocabulary 98) with a vocabulary file of 98 entries
     shutil.copytree(bert_folder[0], bert)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + ["broken", "image"]
@@ -64,7 +64,9 @@ def test_loss_falls_and_checkpoint_is_written(data, itm_folder, tmp_path):
     assert len(ls) == 40 and last < 0.8 * first, ls
     assert "skipped 1 unreadable image(s)" in log  # the broken image is counted, the run goes on
     assert re.search(r"eval val step 20 \| txt_r1 [\d.]+ \| txt_r5", log) and "eval test step 20" not in log
-    assert re.search(r"eval val step 40 \| txt_r1 .*\neval test step 40 \| txt_r1 [\d.]+ \| txt_r5", log)
+    assert "eval val step 20 | 1 skipped (unreadable image, e.g. " in log  # evaluation skips it too, and says so
+    assert re.search(r"eval val step 40 \| txt_r1 .*\neval val step 40 \| 1 skipped .*\n"
+                     r"eval test step 40 \| txt_r1 [\d.]+ \| txt_r5", log)
     ckpt = tmp_path / "run" / "ckpt"
     assert sorted(os.listdir(ckpt)) == ["config.json", "meta.json", "model.safetensors", "optim.pt"]
     cfg = json.loads((ckpt / "config.json").read_text())

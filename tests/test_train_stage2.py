@@ -53,9 +53,10 @@ def test_loss_falls_and_resume_is_exact(kind, data, lms, itm_folder, tmp_path):
 
 
 def test_sample_reads_our_checkpoint(data, lms, itm_folder, tmp_path):
-    log = train2(data, lms / "opt", tmp_path / "run", "--max_steps=2", "--eval_interval=2", vit=itm_folder[0],
-                 bert=data / "bert")
-    assert re.search(r"eval val step 2 \| Bleu_1 [\d.]+ .* CIDEr [\d.]+", log)
+    log = train2(data, lms / "opt", tmp_path / "run", "--max_steps=2", "--eval_interval=2", "--eval_max_images=0",
+                 vit=itm_folder[0], bert=data / "bert")
+    assert re.search(r"eval val step 2 \| Bleu_1 [\d.]+ .* CIDEr [\d.]+\neval val step 2 \| first caption: .*\n"
+                     r"eval val step 2 \| 1 skipped \(unreadable image, e\.g\. .*broken\.png: cannot read", log)
     img = data / "images" / "0.png"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--init_from={tmp_path / 'run' / 'ckpt'}",
                         f"--image={img}", "--max_new_tokens=4", "--num_beams=1"], capture_output=True, text=True,
