@@ -8,8 +8,8 @@ Notable details
 - `ln_vision` (HF `vision_model.post_layernorm`) normalises the frozen ViT's output and is trained with the
   Q-Former. Its eps is read from the checkpoint (HF 1e-6); a fresh one uses LAVIS's 1e-5.
 - The stage-1 losses follow LAVIS, with two deviations stated where they happen (docs/reference.md): `temp` is
-  clamped, and the ITC gather across GPUs keeps its gradients. A third is opt-in: extra candidates for ITM's hard
-  negatives (`training.NegativePool`), for batches far smaller than the paper's.
+  clamped, and the ITC gather across GPUs keeps its gradients. A third is opt-in: extra `candidates` for ITM's hard
+  negatives, for batches far smaller than the paper's. The loop keeps them (`training.NegativePool`), not the model.
 - ITC similarity is the max over the 32 queries of the cosine between each query's projected feature and the
   projected [CLS] of the text (raw cosine at inference, divided by `temp` only when training).
 - ITM logits are the 2-way head averaged over the 32 query outputs of a bidirectional [queries; text] pass.
@@ -27,7 +27,7 @@ from .checkpoint import check_frozen
 from .data import pad_cat
 from .hub import resolve
 from .load import CheckpointError, build_empty, load_weights, prefixed, read_config, reading
-from .training import _gather, _rows
+from .training import gather, rank_rows
 
 
 @dataclass
@@ -99,37 +99,47 @@ class Blip2Stage1(Querying):
 
     # --- training: the three stage-1 losses (§3.2, LAVIS blip2_qformer.py:90-275) ---------------------------
 
-    def forward(self, pixel_values, input_ids, attention_mask, generator=None, image_ids=None, pool=None):
+    def forward(self, pixel_values, input_ids, attention_mask, generator=None, image_ids=None, candidates=None):
         """pixel_values (B, 3, S, S); input_ids (B, T) = [CLS] caption [SEP], padded; generator: for the ITM negatives;
         image_ids (B,): samples of one image share an id and are never each other's negatives (LAVIS's image_id
-        branch; None: every sample is its own image); pool: a NegativePool, more candidates for the ITM negatives.
-        Returns a dict with loss = loss_itc + loss_itm + loss_itg (equal weights, as LAVIS)."""
-        B = pixel_values.size(0)
+        branch; None: each sample its own image); candidates: earlier samples to draw them from (NegativePool.items).
+        -> loss = loss_itc + loss_itm + loss_itg (equal weights, as LAVIS), the three, and `samples` for the pool."""
+        if candidates is not None and image_ids is None:
+            raise ValueError("candidates need the image_ids of the samples")
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)  # Deviation from LAVIS: clamped as in BLIP-1 (and kept out of weight decay)
+        if image_ids is None:  # each sample its own image, numbered over all ranks
+            image_ids = rank_rows(len(input_ids), input_ids.device)
         vit = self.vit(pixel_values)                                        # frozen: no graph
         image = self.ln_vision(vit)                                         # (B, N, Cv)
         q_out, past = self.queries(image)                                   # the queries' K/V are reused by ITG
-        Q = q_out.size(1)
         img_feats = F.normalize(self.vision_proj(q_out), dim=-1)            # (B, Q, D)
         txt_feat = self.text_feat(input_ids, attention_mask)                # (B, D)
+        samples = dict(vit=vit, input_ids=input_ids, attention_mask=attention_mask, image_ids=image_ids,
+                       img_feats=img_feats, txt_feat=txt_feat)
 
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)  # Deviation from LAVIS: clamped as in BLIP-1 (and kept out of weight decay)
-        loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp)
+        ###============== Image-text Contrastive ===================###
+        loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp)   # (B, G*B) both ways, for ITM
 
-        # ITM: every pair once positive, then a hard negative image for each text and a hard negative text for
-        # each image, drawn from the softmax of the ITC similarities with the pairs of the same image masked out.
-        # Candidates: the batch of every rank, then this rank's pool (when given)
-        if pool is not None and image_ids is None:
-            raise ValueError("a NegativePool needs the image_ids of the samples")
-        own = image_ids if image_ids is not None else torch.arange(B, device=input_ids.device) + _rows()[0]
-        cand_ids = _gather(own, grad=False)                                 # the candidates' image ids
-        image_all = _gather(image)                                          # ViT features of all ranks
-        ids_all, mask_all = _gather(input_ids, grad=False), _gather(attention_mask, grad=False)
-        n, p = len(image_all), pool.items if pool is not None else None
+        ###============== Image-text Matching ===================###
+        loss_itm = self.itm(image, samples, sim_i2t, sim_t2i, generator, candidates)
+
+        ###============== Image Captioning ===================###
+        loss_itg = self.itg(input_ids, attention_mask, past)
+        return dict(loss=loss_itc + loss_itm + loss_itg, loss_itc=loss_itc, loss_itm=loss_itm, loss_itg=loss_itg,
+                    samples=samples)
+
+    def itm(self, image, samples, sim_i2t, sim_t2i, generator=None, candidates=None):
+        """Every pair once positive, then a hard negative image for each text and a hard negative text for each image,
+        drawn by softmax(ITC similarity), pairs of one image masked out, from every rank's batch, then `candidates`."""
+        input_ids, attention_mask, own = samples["input_ids"], samples["attention_mask"], samples["image_ids"]
+        cand_ids, image_all = gather(own), gather(image)                    # image ids, ln_vision(ViT) of all ranks
+        ids_all, mask_all = gather(input_ids), gather(attention_mask)
+        n, p = len(image_all), candidates
         if p is not None:
             with torch.no_grad():
-                pool_t2i = torch.einsum("bd,mqd->bmq", txt_feat, p["img_feats"]).amax(dim=2) / self.temp
-                pool_i2t = torch.einsum("bqd,md->bqm", img_feats, p["txt_feat"]).amax(dim=1) / self.temp
+                pool_t2i = torch.einsum("bd,mqd->bmq", samples["txt_feat"], p["img_feats"]).amax(dim=2) / self.temp
+                pool_i2t = torch.einsum("bqd,md->bqm", samples["img_feats"], p["txt_feat"]).amax(dim=1) / self.temp
             sim_t2i, sim_i2t = torch.cat([sim_t2i, pool_t2i], 1), torch.cat([sim_i2t, pool_i2t], 1)
             cand_ids = torch.cat([cand_ids, p["image_ids"]])
             ids_all, mask_all = pad_cat(ids_all, p["input_ids"]), pad_cat(mask_all, p["attention_mask"])
@@ -140,23 +150,21 @@ class Blip2Stage1(Querying):
         if p is not None:  # a pool image is its ViT output through today's ln_vision
             image_neg = torch.where((neg_img >= n)[:, None, None],
                                     self.ln_vision(p["vit"][(neg_img - n).clamp(min=0)]), image_neg)
-        if pool is not None:
-            pool.push(vit=vit, input_ids=input_ids, attention_mask=attention_mask, image_ids=own,
-                      img_feats=img_feats, txt_feat=txt_feat)
         images = torch.cat([image, image_neg, image])
         ids = pad_cat(input_ids, input_ids, ids_all[neg_txt])
         masks = pad_cat(attention_mask, attention_mask, mask_all[neg_txt])
-        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
-        loss_itm = F.cross_entropy(self.itm_from_embeds(images, ids, masks), labels)
+        labels = torch.tensor([1] * len(own) + [0] * 2 * len(own), device=ids.device)
+        return F.cross_entropy(self.itm_from_embeds(images, ids, masks), labels)
 
-        # ITG: caption the image, [CLS] -> [DEC], text sees the queries (through their cached K/V) and its past
+    def itg(self, input_ids, attention_mask, past):
+        """Caption the image, [CLS] -> [DEC]: the text sees the queries (through their cached K/V) and its past."""
+        Q = self.query_tokens.size(1)
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = self.cfg.dec_id
         h, _ = self.qformer(input_ids=dec_ids, mask=qf.multimodal_causal_mask(Q, attention_mask)[:, Q:], past=past)
         logits = self.qformer.logits(h[:, :-1])
         target = dec_ids[:, 1:].masked_fill(dec_ids[:, 1:] == self.cfg.pad_id, -100)
-        loss_itg = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, label_smoothing=0.1)
-        return dict(loss=loss_itc + loss_itm + loss_itg, loss_itc=loss_itc, loss_itm=loss_itm, loss_itg=loss_itg)
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, label_smoothing=0.1)
 
     # --- public scoring ---------------------------------------------------------------------------------
 
@@ -174,21 +182,17 @@ class Blip2Stage1(Querying):
 
     @torch.no_grad()
     def retrieval_scores(self, pixels, input_ids, attention_mask, k_test=128, batch_size=32, progress=True):
-        """Image-text retrieval as LAVIS evaluates it (SPEC §5). pixels (N_img, 3, S, S) or a list of them; texts
-        tokenised to a fixed length (LAVIS: 35). Every pair gets its ITC cosine; the k_test best texts of each image
-        (and images of each text) are re-ranked by ITM: score = ITM positive logit + ITC cosine, the rest -100.
-        Returns scores_i2t (N_img, N_txt) and scores_t2i (N_txt, N_img)."""
-        dev = self.query_tokens.device
-        dtype = self.query_tokens.dtype
+        """Image-text retrieval as LAVIS evaluates it (blip2.py compute_sim_matrix). pixels (N_img, 3, S, S) or a list
+        of them; texts tokenised to a fixed length (LAVIS: 35). Every pair gets its ITC cosine; the k_test best texts of
+        each image (and images of each text) are re-ranked by ITM: score = ITM positive logit + ITC cosine, the rest
+        -100. Returns scores_i2t (N_img, N_txt) and scores_t2i (N_txt, N_img)."""
+        dev, dtype = self.query_tokens.device, self.query_tokens.dtype
         batches = lambda n: tqdm(range(0, n, batch_size), disable=not progress, leave=False)
         txt = torch.cat([self.text_feat(input_ids[i:i + batch_size].to(dev), attention_mask[i:i + batch_size].to(dev))
                          for i in batches(len(input_ids))])
-        vit, img = [], []
-        for i in batches(len(pixels)):
-            px = torch.stack(list(pixels[i:i + batch_size])).to(dev, dtype)
-            vit.append(self.image_embeds(px).cpu())  # kept on the CPU, as LAVIS
-            img.append(self.image_feats(vit[-1].to(dev)))
-        vit, img = torch.cat(vit), torch.cat(img)
+        vit = torch.cat([self.image_embeds(torch.stack(list(pixels[i:i + batch_size])).to(dev, dtype)).cpu()
+                         for i in batches(len(pixels))])                    # (N_img, N, Cv), kept on the CPU as LAVIS
+        img = torch.cat([self.image_feats(vit[i:i + batch_size].to(dev)) for i in range(0, len(vit), batch_size)])
         sims = torch.einsum("iqd,td->iqt", img, txt).amax(dim=1).float()  # (N_img, N_txt) raw cosine
         ids, mask = input_ids.to(dev), attention_mask.to(dev)
 
@@ -271,16 +275,15 @@ class Blip2Stage1(Querying):
         return model
 
 
-
 def itc_loss(img_feats, txt_feat, temp):
     """Image-text contrastive loss. img_feats (B, Q, D) and txt_feat (B, D) normalised, this rank's rows.
     Each image is scored against every text of every rank and back; a pair's score is its best query.
-    Deviation from LAVIS (SPEC §10): the gather keeps gradients, so G ranks of B equal one process of G*B.
+    Deviation from LAVIS: the gather keeps gradients, so G ranks of B equal one process of G*B.
     Returns the loss and the temp-scaled similarities (B, G*B) both ways, for the ITM negatives."""
-    img_all, txt_all = _gather(img_feats), _gather(txt_feat)                          # (G*B, Q, D), (G*B, D)
+    img_all, txt_all = gather(img_feats), gather(txt_feat)                            # (G*B, Q, D), (G*B, D)
     sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B)
     sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B)
-    targets = torch.arange(img_feats.size(0), device=sim_i2t.device) + _rows()[0]
+    targets = rank_rows(len(img_feats), sim_i2t.device)                              # the positives
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) +
             F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
     return loss, sim_i2t, sim_t2i

@@ -125,8 +125,11 @@ def test_negative_pool_adds_the_last_samples_as_itm_candidates():
     pool = NegativePool(size=6)
     (px1, ids1, mask1), (px2, ids2, mask2) = batch(seed=1), batch(seed=2, T=9)
     ids_img1, ids_img2 = torch.tensor([10, 11, 12, 13]), torch.tensor([20, 21, 11, 22])  # image 11 in both
-    # an empty pool changes nothing; then it holds the batch
-    out1 = model(px1, ids1, mask1, generator=torch.Generator().manual_seed(7), image_ids=ids_img1, pool=pool)
+    # an empty pool changes nothing; after the step it holds the batch, as the forward returns it
+    assert pool.items is None
+    out1 = model(px1, ids1, mask1, generator=torch.Generator().manual_seed(7), image_ids=ids_img1,
+                 candidates=pool.items)
+    pool.push(**out1["samples"])
     ref = model(px1, ids1, mask1, generator=torch.Generator().manual_seed(7), image_ids=ids_img1)
     assert torch.equal(out1["loss"], ref["loss"]) and pool.items["image_ids"].tolist() == [10, 11, 12, 13]
     assert torch.equal(pool.items["txt_feat"], features(model, px1, ids1, mask1)[2])
@@ -141,7 +144,9 @@ def test_negative_pool_adds_the_last_samples_as_itm_candidates():
         from_pool = 0
         for seed in range(4):
             pool.load_state_dict(full)  # batch 1, as after step 1
-            out2 = model(px2, ids2, mask2, generator=torch.Generator().manual_seed(seed), image_ids=ids_img2, pool=pool)
+            out2 = model(px2, ids2, mask2, generator=torch.Generator().manual_seed(seed), image_ids=ids_img2,
+                         candidates=pool.items)
+            pool.push(**out2["samples"])
             g = torch.Generator().manual_seed(seed)
             neg_img, neg_txt = hard_negatives(sim[:, :4].T, same, g), hard_negatives(sim[:4], same, g)
             from_pool += (neg_img >= 4).sum() + (neg_txt >= 4).sum()
@@ -150,7 +155,7 @@ def test_negative_pool_adds_the_last_samples_as_itm_candidates():
     # a ring buffer: batch 2 went into rows 4, 5, 0, 1
     assert pool.items["image_ids"].tolist() == [11, 22, 12, 13, 20, 21] and pool.items["input_ids"].shape == (6, 9)
     with pytest.raises(ValueError, match="image_ids"):
-        model(px1, ids1, mask1, pool=pool)
+        model(px1, ids1, mask1, candidates=pool.items)
 
 
 def test_gradients_reach_the_trainable_parts_only():
