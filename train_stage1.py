@@ -11,28 +11,23 @@ The defaults are the quick start's, ~10 minutes on 2 CPU cores; the config file 
 One log line per log_interval steps; retrieval R@K on val_ann and a checkpoint every eval_interval steps, and on
 test_ann at the end. -h lists every option.
 """
-import contextlib
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanoblip2.stage1 import Blip2Stage1
-from nanoblip2.training import NegativePool
 from nanoblip2.cli import parse_args, run
-from nanoblip2.data import (AnnotationError, CaptionDataset, eval_transform, load_image, load_retrieval,
-                            train_transform)
-from nanoblip2.checkpoint import checkpoint_folder, fingerprint, save_checkpoint
-from nanoblip2.hub import HubError, resolve
-from nanoblip2.load import CheckpointError, read_config
-from nanoblip2.metrics import retrieval_recall
+from nanoblip2.data import CaptionDataset, eval_transform, train_transform
+from nanoblip2.checkpoint import checkpoint_folder, fingerprint
+from nanoblip2.evaluation import retrieval
+from nanoblip2.hub import resolve
+from nanoblip2.load import read_config
 from nanoblip2.tokenizer import load_bert_tokenizer
-from nanoblip2.training import (Stream, adamw, autocast, freeze, get_lr, random_states, resume,
-                                setup)
+from nanoblip2.training import (NegativePool, Stream, adamw, evaluations, freeze, get_lr, random_states,
+                                resume, save_run, setup, train_step, wrap)
 
 
 @dataclass
@@ -85,17 +80,6 @@ class TrainConfig:
     seed: int = 1337
 
 
-@torch.no_grad()
-def evaluate(model, tok, cfg, ann_file):
-    """Retrieval (SPEC §5): ITC top-k re-ranked by ITM; i2t and t2i R@1/5/10."""
-    images, texts, img2txt, txt2img = load_retrieval(ann_file, cfg.image_root, max_images=cfg.eval_max_images,
-                                                     captions_per_image=cfg.eval_captions)
-    pixels = [load_image(p, model.cfg.vit.image_size) for p in images]
-    ids, mask = tok(texts, max_length=35, padding="max_length")  # LAVIS pads retrieval texts to 35
-    i2t, t2i = model.retrieval_scores(pixels, ids, mask, k_test=cfg.eval_k_test)
-    return retrieval_recall(i2t.cpu(), t2i.cpu(), img2txt, txt2img)
-
-
 def main(cfg):
     ddp, rank, world = setup(cfg)
     master = rank == 0
@@ -106,11 +90,11 @@ def main(cfg):
     if cfg.init_from == "resume":
         src = checkpoint_folder(ckpt_dir)
         model = Blip2Stage1.from_pretrained(src, device=cfg.device).train()
-        vit_source, bert = read_config(src)["frozen"]["vit"], read_config(src)["train"]["bert"]
+        saved = read_config(src)
+        vit_source, bert = saved["frozen"]["vit"], saved["train"]["bert"]
     elif cfg.init_from == "scratch":
         model = Blip2Stage1.from_vit_bert(cfg.vit, cfg.bert, cfg.num_query_tokens, cfg.cross_attention_freq,
-                                          image_size=cfg.image_size or None,
-                                          device=cfg.device)
+                                          image_size=cfg.image_size or None, device=cfg.device)
         vit_source, bert = resolve(cfg.vit), cfg.bert
     else:
         model = Blip2Stage1.from_pretrained(cfg.init_from, device=cfg.device).train()
@@ -119,9 +103,7 @@ def main(cfg):
     tok = load_bert_tokenizer(resolve(bert))
     if tok.bos_id != model.cfg.dec_id:
         raise SystemExit(f"error: the tokenizer's [DEC] is {tok.bos_id}, the model's {model.cfg.dec_id}")
-    freeze(model.vit)
-    if cfg.device.startswith("cuda"):
-        model.vit.to(getattr(torch, cfg.dtype))     # the frozen ViT is stored in bf16 on CUDA
+    freeze(model.vit, cfg)  # stored in bf16 on CUDA
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     negatives = torch.Generator(device=cfg.device).manual_seed(cfg.seed + rank)  # ITM hard negatives
@@ -129,11 +111,7 @@ def main(cfg):
     pool = NegativePool(cfg.itm_pool) if cfg.itm_pool > 0 else None                 # more candidates for them
     step, epoch, batch_in_epoch = (resume(src, optimizer, negatives, rank, pool) if cfg.init_from == "resume"
                                    else (0, 0, 0))
-    raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model)
+    raw, model = model, wrap(model, cfg, ddp)
     if master:
         print(f"stage 1: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, ViT frozen "
               f"({cfg.device}, {world} process(es))")
@@ -142,55 +120,36 @@ def main(cfg):
                              captions_per_image=cfg.train_captions)
     stream = Stream(dataset, tok, cfg, rank, world, epoch, batch_in_epoch, verbose=master)
     image_ids = dataset.image_ids.to(cfg.device)
+    config = {"nanoblip2": "stage1", "model": asdict(raw.cfg), "frozen": {"vit": vit_source},
+              "fingerprints": fingerprints, "train": asdict(cfg) | {"bert": bert}}  # the checkpoints' config.json
 
-    def save(metrics):
-        rng = random_states(negatives, ddp, world, pool)  # every rank takes part
-        if master:
-            config = {"nanoblip2": "stage1", "model": asdict(raw.cfg), "frozen": {"vit": vit_source},
-                      "fingerprints": fingerprints, "train": asdict(cfg) | {"bert": bert}}
-            tensors = {k: v for k, v in raw.state_dict().items() if not k.startswith("vit.")}
-            meta = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch, "metrics": metrics}
-            save_checkpoint(ckpt_dir, tensors, config, meta, {"optimizer": optimizer.state_dict(), "rng": rng})
-            print(f"saved {ckpt_dir} at step {step}")
+    def forward(model, b):  # ITC, ITM and ITG on a batch; ITM's hard negatives from it and from the pool
+        return model(b["pixel_values"], b["input_ids"], b["attention_mask"], generator=negatives,
+                     image_ids=image_ids[b["index"]], candidates=None if pool is None else pool.items)
+
+    def evaluate(ann):  # retrieval: ITC's top k_test re-ranked by ITM; i2t and t2i R@1/5/10
+        metrics, skipped = retrieval(raw, tok, ann, cfg.image_root, cfg.eval_k_test, cfg.eval_max_images,
+                                     cfg.eval_captions)
+        return metrics, skipped, []
 
     # --- the loop -----------------------------------------------------------------------------------------------
     t0, seen = time.time(), 0
     while step < cfg.max_steps:
         lr = get_lr(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            b = stream.next()
-            last = micro == cfg.grad_accum - 1
-            with autocast(cfg), (model.no_sync() if ddp and not last else contextlib.nullcontext()):
-                out = model(b["pixel_values"], b["input_ids"], b["attention_mask"], generator=negatives,
-                            image_ids=image_ids[b["index"]], candidates=None if pool is None else pool.items)
-                (out["loss"] / cfg.grad_accum).backward()
-            if pool is not None:  # this batch: candidates for the next steps
-                pool.push(**out["samples"])
-            seen += len(b["input_ids"]) * world
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        out, n = train_step(model, optimizer, params, stream, cfg, lr, forward, pool)
         step += 1
+        seen += n * world
         if master and (step % cfg.log_interval == 0 or step == 1):
-            dt = time.time() - t0
             print(f"step {step} | loss {out['loss'].item():.4f} | itc {out['loss_itc'].item():.4f} | "
                   f"itm {out['loss_itm'].item():.4f} | itg {out['loss_itg'].item():.4f} | lr {lr:.2e} | "
-                  f"temp {raw.temp.item():.4f} | {seen / dt:.1f} img/s")
+                  f"temp {raw.temp.item():.4f} | {seen / (time.time() - t0):.1f} img/s")
             t0, seen = time.time(), 0
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            metrics = {}
+            metrics = evaluations(raw, step, cfg, evaluate, digits=2) if master else {}
+            rng = random_states(negatives, ddp, world, pool)  # every rank takes part
             if master:
-                raw.eval()
-                for split, ann in (("val", cfg.val_ann), ("test", cfg.test_ann if step == cfg.max_steps else "")):
-                    if ann:
-                        metrics[split] = evaluate(raw, tok, cfg, ann)
-                        print(f"eval {split} step {step} | "
-                              + " | ".join(f"{k} {v:.2f}" for k, v in metrics[split].items()))
-                raw.train()
-            save(metrics)
+                tensors = {k: v for k, v in raw.state_dict().items() if not k.startswith("vit.")}
+                save_run(ckpt_dir, tensors, config, step, stream, optimizer, rng, metrics)
             t0, seen = time.time(), 0
     if ddp:
         dist.destroy_process_group()

@@ -1,13 +1,16 @@
 """
-What train_stage1.py and train_stage2.py share: processes, the learning-rate schedule, parameter groups, the data
-stream with exact resume, and random states. The loops themselves stay in the scripts, top to bottom.
+What train_stage1.py and train_stage2.py share: processes, the learning-rate schedule, parameter groups, one
+optimisation step, the evaluations every eval_interval steps, checkpoints, the data stream with exact resume, and
+random states. What each stage computes stays in its script, top to bottom.
 
 Notable details
 - Exact resume: the order of samples is a seeded permutation per epoch, each sample's augmentation is seeded by
   (seed, epoch, index) (CaptionDataset), the DataLoader draws from its own generator, and the random states of
   dropout and of the ITM negatives are saved per rank. The next step after a resume equals the uninterrupted one.
 - Frozen parts are put in eval mode for good: `freeze` also makes their .train() a no-op (LAVIS disabled_train).
+- Gradient accumulation under DDP: the gradients are all-reduced on the last micro-batch of a step only (no_sync).
 """
+import contextlib
 import functools
 import json
 import math
@@ -15,8 +18,11 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .checkpoint import save_checkpoint
 from .data import ImageError, collate, pad_cat
+from .evaluation import skipped_note
 from .load import reading
 
 
@@ -38,11 +44,14 @@ def autocast(cfg):
     return torch.autocast("cpu", enabled=False)
 
 
-def freeze(module):
-    """No gradients, eval mode (no dropout), and .train() can no longer undo it."""
+def freeze(module, cfg=None):
+    """No gradients, eval mode (no dropout), and .train() can no longer undo it; with cfg, on CUDA, stored in
+    cfg.dtype (bf16)."""
     module.requires_grad_(False)
     module.eval()
     module.train = lambda mode=True: module
+    if cfg is not None and cfg.device.startswith("cuda"):
+        module.to(getattr(torch, cfg.dtype))
     return module
 
 
@@ -62,6 +71,58 @@ def adamw(params, cfg):
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     fused = cfg.device.split(":")[0] in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def wrap(model, cfg, ddp):
+    """The model the loop calls: compiled (cfg.compile), then DDP. The raw model is evaluated and saved."""
+    if cfg.compile:
+        model = torch.compile(model)
+    return DDP(model) if ddp else model
+
+
+def train_step(model, optimizer, params, stream, cfg, lr, forward, pool=None):
+    """One optimisation step at lr: cfg.grad_accum micro-batches, each forward(model, batch) -> {"loss", ...} and its
+    backward; then clip to cfg.grad_clip and step. Stage 1's NegativePool takes each micro-batch after its backward
+    (written before, its rows would change tensors the backward needs). -> (the last output, samples trained on)"""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    n = 0
+    for micro in range(cfg.grad_accum):
+        b = stream.next()
+        sync = not isinstance(model, DDP) or micro == cfg.grad_accum - 1
+        with autocast(cfg), (contextlib.nullcontext() if sync else model.no_sync()):
+            out = forward(model, b)
+            (out["loss"] / cfg.grad_accum).backward()
+        if pool is not None:  # this batch: candidates for the next steps
+            pool.push(**out["samples"])
+        n += len(b["index"])
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out, n
+
+
+def evaluations(raw, step, cfg, evaluate, digits):
+    """evaluate(ann_file) -> (metrics, skipped images' messages, notes) on val_ann, and at the last step on test_ann,
+    in eval mode; one line `eval {split} step {step} | name value | ...` each, then its notes. -> {split: metrics}"""
+    metrics = {}
+    raw.eval()
+    for split, ann in (("val", cfg.val_ann), ("test", cfg.test_ann if step == cfg.max_steps else "")):
+        if ann:
+            metrics[split], skipped, notes = evaluate(ann)
+            notes += [skipped_note(skipped)] if skipped else []
+            for line in [" | ".join(f"{k} {v:.{digits}f}" for k, v in metrics[split].items())] + notes:
+                print(f"eval {split} step {step} | {line}")
+    raw.train()
+    return metrics
+
+
+def save_run(ckpt_dir, tensors, config, step, stream, optimizer, rng, metrics):
+    """A checkpoint (rank 0): the trained tensors, the config, where the run is, the optimiser and random states."""
+    meta = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch, "metrics": metrics}
+    save_checkpoint(ckpt_dir, tensors, config, meta, {"optimizer": optimizer.state_dict(), "rng": rng})
+    print(f"saved {ckpt_dir} at step {step}")
 
 
 class Stream:
