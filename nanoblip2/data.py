@@ -204,8 +204,7 @@ def _texts(e, kind):
 
 
 def read_annotations(ann_file, kind="caption"):
-    """A JSON list or a JSONL file of WANT[kind] ("caption" or "vqa") -> list of dicts. Errors name the file and
-    line; an entry with no caption (or answer) but empty strings is one."""
+    """A JSON list or JSONL file of WANT[kind] ("caption" | "vqa") -> list of dicts. Errors name the file and line."""
     path = Path(ann_file)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation file not found")
@@ -299,8 +298,7 @@ def load_retrieval(ann_file, image_root, max_words=50, max_images=0, captions_pe
 
 
 def retrieval_index(captions):
-    """[[caption, ...] per image] -> texts (all, in order), img2txt (text indices per image), txt2img (image index
-    per text)."""
+    """[[caption, ...] per image] -> texts, img2txt (text indices per image), txt2img (image index per text)."""
     texts, img2txt, txt2img = [], [], []
     for i, cs in enumerate(captions):
         img2txt.append(list(range(len(texts), len(texts) + len(cs))))
