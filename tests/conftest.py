@@ -87,13 +87,19 @@ def opt_tokenizer_json(path, vocab_size=300):
 
 
 def t5_tokenizer_json(path, vocab_size=90):
-    """A tiny T5-style Unigram: <pad> </s> <unk> at 0..2, </s> appended."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tk = Tokenizer(models.Unigram())
+    """A tiny T5-style Unigram: <pad> </s> <unk> at 0..2, "▁word" pieces by frequency, then "▁" and single
+    characters; </s> appended. Written down, not trained: the Unigram trainer differs from run to run."""
+    import collections
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    words = collections.Counter(w for c in CAPTIONS for w in c.split()).most_common()
+    chars = sorted({ch for c in CAPTIONS for ch in c if not ch.isspace()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0 - i / 100) for i, (w, _) in
+                                                               enumerate(words)]
+    pieces = (pieces + [(ch, -10.0) for ch in ["▁"] + chars])[:vocab_size]
+    tk = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tk.add_special_tokens(["<pad>", "</s>", "<unk>"])
     tk.pre_tokenizer = pre_tokenizers.Metaspace()
     tk.decoder = decoders.Metaspace()
-    tk.train_from_iterator(CAPTIONS * 4, trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
     tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tk.save(str(path / "tokenizer.json"))
     return tk
