@@ -9,7 +9,7 @@ Speed: both sides in one process, runs alternated, best of 5 after a warm-up, so
   greedy, batch 1 : image -> 30 new tokens
   beam 5, batch 1 : the same with 5 beams
   greedy, batch 8 : 8 images
-  load            : peak RSS added by loading, over the RSS after the imports (the bar: <= 1.3 x the weights)
+  load            : peak RSS added by loading, over the RSS after the imports (transformers maps the file instead)
 Every row generates exactly 30 tokens on both sides (min_new_tokens = max_new_tokens = 30).
 """
 import json

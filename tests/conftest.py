@@ -108,7 +108,7 @@ def t5_tokenizer_json(path, vocab_size=90):
 def real_eva_biases(model):
     """Real BLIP-2 checkpoints store the EVA qkv bias as cat(q_bias, 0, v_bias): no k bias. (A k bias cannot change
     the output, test_parity checks that with random ones, but it moves the float rounding by ~1e-6, which the
-    sharpened LM heads below would magnify past the 1e-5 bar.)"""
+    sharpened LM heads below would magnify past the 1e-5 tolerance.)"""
     with torch.no_grad():
         for layer in model.vision_model.encoder.layers:
             C = layer.self_attn.qkv.bias.numel() // 3
