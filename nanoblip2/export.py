@@ -1,24 +1,21 @@
 """
 Export: our models -> Hugging Face folders (config.json, model.safetensors, tokenizer) that transformers loads with
-`from_pretrained`. The loaders read backwards: the weights through the same `hf_keys` tables, the configs through
-each `from_hf`'s `to_hf`. `python -m nanoblip2.export out/stage1 hf/stage1` turns one of our stage-1 or stage-2
-checkpoints (or an HF BLIP-2 folder) into a Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder.
+`from_pretrained`: the loaders read backwards, weights through the same `hf_keys` tables, configs through `to_hf`.
+`python -m nanoblip2.export out/stage1 hf/stage1` turns one of our stage-1 or stage-2 checkpoints (or an HF BLIP-2
+folder) into a Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder.
 
 Notable details
 - A table entry `(fn, [HF templates], inverse)` writes what its inverse returns, one tensor per template. Two
   inverses may write one HF tensor, each its own slice with zeros elsewhere: they add up (EVA's cat(q, 0, v) bias).
-- Dropped, and printed: stage 1's `temp` and ITG head, which HF cannot hold. Written as no-ops, which HF needs and
-  we do not keep: BERT's token-type table and CLIP's k bias (zeros, by their inverses), CLIP's last layer (BLIP-2
-  never runs it: an identity block), a bare ViT's post_layernorm (identity). Positions: at the model's image size.
-- <image>: transformers 5 puts the queries at the positions of `image_token_index`, so the config must name one:
-  the model's own (HF 2024 folders), else the first id past the tokenizer where the LM's embedding has a spare row
-  (OPT 50265 of 50272, FlanT5 32100 of 32128, as HF's uploads), added to the written tokenizer. Only with no spare
-  row (or no tokenizer) does the vocabulary grow by one zero row, whose logit is then exactly 0.
-- HF has one LayerNorm eps for the vision tower and post_layernorm (our ln_vision): a model whose ln_vision eps is
-  not its ViT's (a fresh stage 1: LAVIS 1e-5) is written with the ViT's, with a warning. HF BLIP-2 has no CLIP
-  vision tower (no ln_pre): such models are refused.
-- Blip2 reads the end token from text_config: for OPT, eos_token_id is the model's end token ("\\n", LAVIS).
-  T5: an untied head is written as `lm_head.weight`; `scale_decoder_outputs` says whether the output is scaled.
+- Dropped, and printed: stage 1's `temp` and ITG head. Written as no-ops that HF needs: BERT's token-type table
+  and CLIP's k bias (zeros), CLIP's last layer (an identity block), a bare ViT's post_layernorm (identity).
+- <image>: transformers 5 puts the queries at the positions of `image_token_index`: the model's own (HF 2024
+  folders), else the first id past the tokenizer where the LM's embedding has a spare row (OPT 50265 of 50272,
+  FlanT5 32100 of 32128, as HF's uploads), added to the tokenizer. With no spare row (or no tokenizer) the
+  vocabulary grows by one zero row, whose logit is then exactly 0.
+- HF has one eps for the vision tower and post_layernorm (our ln_vision): another ln_vision eps (a fresh stage 1:
+  LAVIS 1e-5) is written as the ViT's, with a warning. HF BLIP-2 has no CLIP vision tower: such models are refused.
+- For OPT, text_config's eos_token_id is the model's end token ("\\n", LAVIS), which Blip2 and HF's generate read.
 - Files go through a temporary name; the weights to one model.safetensors in the model's dtype.
 """
 import fnmatch
@@ -42,7 +39,6 @@ from .load import match, prefixed, read_config
 from .stage1 import Blip2Stage1
 from .stage2 import Blip2
 from .tokenizer import load_bert_tokenizer
-
 
 
 def state_to_hf(module, table, drop=()):
@@ -95,9 +91,10 @@ def _dtype(module):
     return str(next(p.dtype for p in module.parameters() if p.is_floating_point())).removeprefix("torch.")
 
 
-def _report(kind, folder, n, dropped=()):
+def _report(kind, folder, n, dropped=()):  # prints what was written; -> the folder
     print(f"exported {kind} to {folder}: {n} tensors" + (f"; dropped {', '.join(dropped)}" if dropped else "")
           + f"\n  {folder} now holds {', '.join(sorted(f for f in os.listdir(folder) if not f.endswith('.tmp')))}")
+    return folder
 
 
 def _generation(config):  # generation_config.json: the special ids of an LM's config
@@ -128,7 +125,6 @@ def blip2_config(model):
     if stage1:
         return d | dict(image_text_hidden_size=cfg.embed_dim)
     index, grow = image_token(model)
-    # OPT's end token is "\n" (LAVIS), and HF's generate reads it from here
     text = cfg.lm.to_hf() | dict(vocab_size=cfg.lm.vocab_size + grow, eos_token_id=model.end_id)
     del text["architectures"]
     return d | dict(text_config=text, image_token_index=index, is_encoder_decoder=model.is_t5,
@@ -164,7 +160,7 @@ def save_tokenizer(tok, folder, kind, image_token_index=None, image_size=None, n
             size=dict(height=image_size, width=image_size), resample=3, do_rescale=True, rescale_factor=1 / 255,
             do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True))
         _write(folder, "processor_config.json", dict(processor_class="Blip2Processor",
-                                                          num_query_tokens=num_query_tokens))
+                                                     num_query_tokens=num_query_tokens))
 
 # ---------------------------------------------------------------------------------------------------------
 # Whole models, then single components in their own families' layouts, readable by our loaders and transformers
@@ -187,13 +183,12 @@ def export_blip2(model, folder):
     if model.tokenizer is not None:
         save_tokenizer(model.tokenizer, folder, "t5" if model.is_t5 else "opt", index, cfg.vit.image_size,
                        cfg.qformer.num_query_tokens)
-    _report("Blip2ForConditionalGeneration", folder, n, ["the Q-Former's text branch"] if cfg.qformer.text else [])
-    return folder
+    dropped = ["the Q-Former's text branch"] if cfg.qformer.text else []
+    return _report("Blip2ForConditionalGeneration", folder, n, dropped)
 
 
 def export_stage1(model, folder, tokenizer=None):
-    """Our Blip2Stage1 -> a Blip2ForImageTextRetrieval folder. HF has no `temp` and no ITG head: both are dropped,
-    so a reloaded model starts from temp 0.07 and cannot caption."""
+    """Our Blip2Stage1 -> a Blip2ForImageTextRetrieval folder; reloaded, it starts from temp 0.07 and cannot caption."""
     cfg = model.cfg
     config = blip2_config(model)
     n = save_weights(model, os.path.join(folder, "model.safetensors"), Blip2Stage1.hf_keys(cfg)["table"],
@@ -201,15 +196,13 @@ def export_stage1(model, folder, tokenizer=None):
     _write(folder, "config.json", config)
     if tokenizer is not None:
         save_tokenizer(tokenizer, folder, "bert", image_size=cfg.vit.image_size)  # no <image> tokens in the text
-    _report("Blip2ForImageTextRetrieval", folder, n,
-            ["temp"] + (["qformer.lm_head (ITG)"] if model.qformer.lm_head is not None else []))
-    return folder
+    return _report("Blip2ForImageTextRetrieval", folder, n,
+                   ["temp"] + (["qformer.lm_head (ITG)"] if model.qformer.lm_head is not None else []))
 
 
 def export_vit(vit, folder):
-    """EVA: a BLIP-2 folder holding only vision_model.* (post_layernorm = identity LN), read back by
-    `ViTConfig.from_hf` + `vt.hf_keys`; transformers' Blip2VisionModel reads it with
-    key_mapping={r"^vision_model\\.": ""}. CLIP: a CLIPVisionModel folder, with an identity last layer."""
+    """EVA: a BLIP-2 folder of vision_model.* only, read back by `ViTConfig.from_hf` + `vt.hf_keys` (transformers'
+    Blip2VisionModel: key_mapping={r"^vision_model\\.": ""}). CLIP: a CLIPVisionModel folder."""
     cfg = vit.cfg
     tensors = state_to_hf(vit, vt.hf_keys(cfg)["table"])
     like = vit.blocks[0].norm1.weight.detach().cpu()
@@ -224,14 +217,12 @@ def export_vit(vit, folder):
         config = dict(architectures=["Blip2VisionModel"], model_type="blip-2", vision_config=cfg.to_hf())
     n = _write(folder, "model.safetensors", tensors)
     _write(folder, "config.json", config | dict(dtype=_dtype(vit)))
-    _report("CLIPVisionModel" if cfg.clip else "BLIP-2 vision model", folder, n)
-    return folder
+    return _report("CLIPVisionModel" if cfg.clip else "BLIP-2 vision model", folder, n)
 
 
 def export_bert(qformer, folder, keep_dec=False):
-    """The text branch of a Q-Former -> a BertForMaskedLM folder (BertModel without an ITG head), read back by
-    `Blip2Stage1.from_vit_bert`. Cross-attention and the query FFN are not BERT's and are dropped. The last word
-    row ([DEC], appended when the Q-Former was built from BERT) is dropped unless keep_dec."""
+    """The text branch of a Q-Former -> a BertForMaskedLM (BertModel without an ITG head) folder for `from_vit_bert`;
+    dropped: cross-attention and the query FFN (not BERT's), and the last word row ([DEC]) unless keep_dec."""
     cfg = qformer.cfg
     if not cfg.text:
         raise ValueError("this Q-Former has no text branch (stage-2 form): nothing to export as BERT")
@@ -245,31 +236,22 @@ def export_bert(qformer, folder, keep_dec=False):
                      drop=["layers.*.cross.*", "layers.*.ffn_query.*"])
     config = cfg.to_hf_bert(dec=not keep_dec)
     _write(folder, "config.json", config | dict(dtype=_dtype(qformer)))
-    _report(config["architectures"][0], folder, n, ["cross-attention", "query FFN"] + ["[DEC] row"] * (not keep_dec))
-    return folder
+    dropped = ["cross-attention", "query FFN"] + ["[DEC] row"] * (not keep_dec)
+    return _report(config["architectures"][0], folder, n, dropped)
 
 
-def export_opt(opt, folder, tokenizer=None):
-    """Our OPT -> an OPTForCausalLM folder (model.decoder.*, lm_head.weight only when untied)."""
-    return _export_lm(opt, folder, op.hf_keys(opt.cfg), "opt", tokenizer)
-
-
-def export_t5(t5, folder, tokenizer=None):
-    """Our T5 -> a T5ForConditionalGeneration folder (lm_head.weight written when the head is untied)."""
-    return _export_lm(t5, folder, t5m.hf_keys(t5.cfg), "t5", tokenizer)
-
-
-def _export_lm(lm, folder, keys, kind, tokenizer):
-    n = save_weights(lm, os.path.join(folder, "model.safetensors"), keys["table"])
+def export_lm(lm, folder):
+    """Our OPT or T5 -> an OPTForCausalLM (model.decoder.*) or T5ForConditionalGeneration folder; lm_head.weight is
+    written when the head is untied (T5: `scale_decoder_outputs` says whether the decoder output is scaled)."""
+    family = t5m if isinstance(lm, t5m.T5) else op
+    n = save_weights(lm, os.path.join(folder, "model.safetensors"), family.hf_keys(lm.cfg)["table"])
     config = lm.cfg.to_hf() | dict(dtype=_dtype(lm))
     _write(folder, "config.json", config)
     _write(folder, "generation_config.json", _generation(config))
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, folder, kind)
-    _report(config["architectures"][0], folder, n)
-    return folder
+    return _report(config["architectures"][0], folder, n)
 
-# ---------------------------------------------------------------------------------------------------------
+
+export_opt = export_t5 = export_lm  # the names the callers know
 
 
 def main(argv):

@@ -3,20 +3,19 @@ The Querying Transformer (paper §3.1, Figure 2): a BERT-base encoder whose 32 l
 Matches HF `Blip2QFormerModel` + `Blip2TextEmbeddings` (modeling_blip_2.py) and LAVIS `Qformer.py`.
 
 Notable details
-- One sequence [queries; text] shares the self-attention layers. What sees what is decided only by the
-  self-attention mask; the four masks are the pure functions below (Figure 2, right).
-- Cross-attention to the image sits in layers 0, cross_attention_freq, 2*cross_attention_freq, ... and only the
-  query positions go through it. Text never looks at the image directly, only through the queries.
+- One sequence [queries; text] shares the self-attention layers; what sees what is decided only by the
+  self-attention mask, one of the four pure functions below (Figure 2, right).
+- Cross-attention to the image sits in layers 0, cross_attention_freq, 2*cross_attention_freq, ..., for the query
+  positions only: text sees the image only through the queries.
 - Queries and text have separate FFNs (`ffn_query`, `ffn_text`); self-attention and the embedding LayerNorm
   are shared. Queries get no position embedding; text positions start at 0 after the queries.
-- BERT post-LN blocks: LN(x + dropout(dense(sublayer(x)))), exact GELU, eps 1e-12. Masks are additive -10000
-  as in LAVIS and HF BERT.
-- ITG reuses the query pass's self-attention keys/values as a cache (`past`), so the text pass does not
-  recompute the queries; that equals one pass over [queries; text] with the UniLM mask (tested).
+- BERT post-LN blocks: LN(x + dropout(dense(sublayer(x)))), exact GELU, eps 1e-12, additive masks of -10000.
+- ITG reuses the query pass's self-attention keys/values as a cache (`past`): the same as one pass over
+  [queries; text] with the UniLM mask (tested).
 - The stage-2 form (`text=False`) has no word/position embeddings, no text FFN and no LM head.
-- From BERT: LAVIS's embeddings have no token-type table, so it drops BERT's. We fold its row 0 into the
-  position table, which leaves the text path exactly BERT at initialisation; the query FFN is a copy of the
-  text FFN, cross-attention starts random, and the vocabulary grows by one row for [DEC].
+- From BERT: LAVIS has no token-type table; we fold BERT's row 0 into the positions, so the text path is exactly
+  BERT at initialisation. The query FFN is a copy of the text FFN, cross-attention starts random, and the
+  vocabulary grows by one row for [DEC].
 """
 from dataclasses import dataclass
 
@@ -109,7 +108,7 @@ def bidirectional_mask(Q, pad):
 
 def multimodal_causal_mask(Q, pad):
     """ITG (UniLM): queries see only queries; text sees all queries and the text before it, itself included."""
-    B, T = pad.shape
+    T = pad.size(1)
     m = bidirectional_mask(Q, pad).clone()
     m[:, :Q, Q:] = 0
     m[:, Q:, Q:] &= torch.tril(torch.ones(T, T, dtype=m.dtype, device=m.device))
@@ -167,9 +166,7 @@ class Layer(nn.Module):
         x, kv = self.attn(x, mask=mask, past=past)
         if Q == 0:
             return self.ffn_text(x), kv
-        q = x[:, :Q]
-        if self.cross is not None:
-            q, _ = self.cross(q, context=image)
+        q = x[:, :Q] if self.cross is None else self.cross(x[:, :Q], context=image)[0]
         q = self.ffn_query(q)
         return (torch.cat([q, self.ffn_text(x[:, Q:])], dim=1) if x.size(1) > Q else q), kv
 
@@ -209,17 +206,14 @@ class QFormer(nn.Module):
             m.reset_parameters()
 
     def forward(self, query_embeds=None, input_ids=None, image=None, mask=None, past=None):
-        """
-        query_embeds (B, Q, C) and/or input_ids (B, T); image (B, N, Cv) for the cross-attention; mask (B, rows, keys)
-        from the builders above; past: per-layer (K, V) of earlier positions (the queries, for ITG).
-        Returns the hidden states (B, Q + T, C) and the per-layer (K, V) of everything seen so far.
-        """
+        """query_embeds (B, Q, C) and/or input_ids (B, T); image (B, N, Cv) for the cross-attention; mask (B, rows,
+        keys) from the builders above; past: per-layer (K, V) of earlier positions (the queries, for ITG).
+        -> the hidden states (B, Q + T, C) and the per-layer (K, V) of everything seen so far."""
         parts = [] if query_embeds is None else [query_embeds]
         if input_ids is not None:
             pos = torch.arange(input_ids.size(1), device=input_ids.device)
             parts.append(self.word_embeddings(input_ids) + self.position_embeddings(pos))
-        x = torch.cat(parts, dim=1)
-        x = F.dropout(self.ln_embed(x), self.cfg.dropout, self.training)
+        x = F.dropout(self.ln_embed(torch.cat(parts, dim=1)), self.cfg.dropout, self.training)
         Q = 0 if query_embeds is None else query_embeds.size(1)
         presents = []
         for i, layer in enumerate(self.layers):

@@ -7,12 +7,11 @@ Matches HF `Blip2ForImageTextRetrieval` and LAVIS `blip2_qformer.py`.
 Notable details
 - `ln_vision` (HF `vision_model.post_layernorm`) normalises the frozen ViT's output and is trained with the
   Q-Former. Its eps is read from the checkpoint (HF 1e-6); a fresh one uses LAVIS's 1e-5.
-- The stage-1 losses follow LAVIS, with two deviations stated where they happen (docs/reference.md): `temp` is
-  clamped, and the ITC gather across GPUs keeps its gradients. A third is opt-in: extra `candidates` for ITM's hard
-  negatives, for batches far smaller than the paper's. The loop keeps them (`training.NegativePool`), not the model.
-- ITC similarity is the max over the 32 queries of the cosine between each query's projected feature and the
-  projected [CLS] of the text (raw cosine at inference, divided by `temp` only when training).
-- ITM logits are the 2-way head averaged over the 32 query outputs of a bidirectional [queries; text] pass.
+- The losses follow LAVIS, with two deviations stated where they happen (docs/reference.md): `temp` is clamped,
+  and the ITC gather across GPUs keeps its gradients. Opt-in: extra `candidates` for ITM's hard negatives, for
+  batches far smaller than the paper's, kept by the loop (`training.NegativePool`), not the model.
+- ITC similarity: the max over the 32 queries of the cosine of the query's and the text [CLS]'s projected
+  features (divided by `temp` only when training). ITM logits: the 2-way head averaged over the 32 query outputs.
 - HF retrieval checkpoints have no ITG head, so a model loaded from one has `qformer.lm_head = None`.
 """
 import torch
@@ -45,8 +44,7 @@ class Stage1Config:
 
 
 class Querying(nn.Module):
-    """What both stages share (Figure 2, left): the frozen ViT, ln_vision, and the learned queries that read the
-    image through the Q-Former's cross-attention."""
+    """What both stages share (Figure 2, left): the frozen ViT, ln_vision, and the queries reading the image."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -65,9 +63,8 @@ class Querying(nn.Module):
 
     @staticmethod
     def hf_keys(cfg):
-        """`load_weights` arguments for this part of an HF BLIP-2 folder (the subclasses add theirs): the tables of
-        the ViT and the Q-Former under our prefixes, without their ignore lists (the file is read whole, strictly).
-        export.py reads the same table backwards."""
+        """`load_weights` arguments for this part of an HF BLIP-2 folder (the subclasses add theirs): the ViT's and
+        the Q-Former's tables under our prefixes, without their ignore lists (the file is read whole, strictly)."""
         table = prefixed(vt.hf_keys(cfg.vit), "vit.")["table"] | prefixed(qf.hf_keys(cfg.qformer), "qformer.")["table"]
         table |= {"query_tokens": "query_tokens", "ln_vision.weight": "vision_model.post_layernorm.weight",
                   "ln_vision.bias": "vision_model.post_layernorm.bias"}
@@ -83,7 +80,6 @@ class Blip2Stage1(Querying):
         self.temp = nn.Parameter(torch.tensor(0.07))
 
     # --- building blocks --------------------------------------------------------------------------------
-
     def image_feats(self, image):  # (B, N, Cv) -> normalised per-query features (B, Q, D)
         return F.normalize(self.vision_proj(self.queries(image)[0]), dim=-1)
 
@@ -98,7 +94,6 @@ class Blip2Stage1(Querying):
         return self.itm_head(h[:, :Q.size(1)]).mean(dim=1)
 
     # --- training: the three stage-1 losses (§3.2, LAVIS blip2_qformer.py:90-275) ---------------------------
-
     def forward(self, pixel_values, input_ids, attention_mask, generator=None, image_ids=None, candidates=None):
         """pixel_values (B, 3, S, S); input_ids (B, T) = [CLS] caption [SEP], padded; generator: for the ITM negatives;
         image_ids (B,): samples of one image share an id and are never each other's negatives (LAVIS's image_id
@@ -167,7 +162,6 @@ class Blip2Stage1(Querying):
         return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, label_smoothing=0.1)
 
     # --- public scoring ---------------------------------------------------------------------------------
-
     @torch.no_grad()
     def itm_logits(self, pixel_values, input_ids, attention_mask):
         """Image-text matching logits (B, 2), one image per text; softmax(...)[:, 1] is P(match)."""
@@ -182,19 +176,17 @@ class Blip2Stage1(Querying):
 
     @torch.no_grad()
     def retrieval_scores(self, pixels, input_ids, attention_mask, k_test=128, batch_size=32, progress=True):
-        """Image-text retrieval as LAVIS evaluates it (blip2.py compute_sim_matrix). pixels (N_img, 3, S, S) or a list
-        of them; texts tokenised to a fixed length (LAVIS: 35). Every pair gets its ITC cosine; the k_test best texts of
-        each image (and images of each text) are re-ranked by ITM: score = ITM positive logit + ITC cosine, the rest
-        -100. Returns scores_i2t (N_img, N_txt) and scores_t2i (N_txt, N_img)."""
+        """Image-text retrieval as LAVIS evaluates it (blip2.py compute_sim_matrix). pixels (N_img, 3, S, S) or a list,
+        texts tokenised to a fixed length (LAVIS: 35). Every pair gets its ITC cosine; the k_test best of each row are
+        re-ranked as ITM positive logit + cosine, the rest -100. -> i2t (N_img, N_txt) and t2i (N_txt, N_img) scores."""
         dev, dtype = self.query_tokens.device, self.query_tokens.dtype
+        ids, mask = input_ids.to(dev), attention_mask.to(dev)
         batches = lambda n: tqdm(range(0, n, batch_size), disable=not progress, leave=False)
-        txt = torch.cat([self.text_feat(input_ids[i:i + batch_size].to(dev), attention_mask[i:i + batch_size].to(dev))
-                         for i in batches(len(input_ids))])
+        txt = torch.cat([self.text_feat(ids[i:i + batch_size], mask[i:i + batch_size]) for i in batches(len(ids))])
         vit = torch.cat([self.image_embeds(torch.stack(list(pixels[i:i + batch_size])).to(dev, dtype)).cpu()
                          for i in batches(len(pixels))])                    # (N_img, N, Cv), kept on the CPU as LAVIS
         img = torch.cat([self.image_feats(vit[i:i + batch_size].to(dev)) for i in range(0, len(vit), batch_size)])
         sims = torch.einsum("iqd,td->iqt", img, txt).amax(dim=1).float()  # (N_img, N_txt) raw cosine
-        ids, mask = input_ids.to(dev), attention_mask.to(dev)
 
         def rerank(sims, by_image):  # rows: images (i2t) or texts (t2i); each row's k_test best columns: ITM + cosine
             out, n = sims.new_full(sims.shape, -100.0), max(1, 4 * batch_size // k_test)  # n rows per ITM pass
@@ -209,7 +201,6 @@ class Blip2Stage1(Querying):
         return rerank(sims, by_image=True), rerank(sims.T, by_image=False)
 
     # --- loading ----------------------------------------------------------------------------------------
-
     @staticmethod
     def hf_keys(cfg):
         """`load_weights` arguments for an HF Blip2ForImageTextRetrieval folder (no temp, no ITG head there)."""
@@ -220,8 +211,7 @@ class Blip2Stage1(Querying):
 
     @classmethod
     def from_pretrained(cls, src, image_size=None, device="cpu", dtype=None):
-        """From an HF `Blip2ForImageTextRetrieval` folder (e.g. Salesforce/blip2-itm-vit-g) or one of our own
-        stage-1 checkpoints."""
+        """From an HF `Blip2ForImageTextRetrieval` folder (Salesforce/blip2-itm-vit-g) or our stage-1 checkpoint."""
         src = resolve(src)
         d = read_config(src)
         if d.get("nanoblip2") == "stage1":
@@ -264,9 +254,8 @@ class Blip2Stage1(Querying):
         model = build_empty(cls, Stage1Config(vit=vcfg, qformer=qcfg, dec_id=qcfg.vocab_size - 1), device)
         load_weights(model.vit, vit_src, **vt.hf_keys(vcfg))
         # everything but the ViT starts fresh; then BERT overwrites what it provides
-        model.qformer.apply(qf.QFormer._init_weights)
-        for m in (model.vision_proj, model.text_proj, model.itm_head):
-            qf.QFormer._init_weights(m)
+        for m in (model.qformer, model.vision_proj, model.text_proj, model.itm_head):
+            m.apply(qf.QFormer._init_weights)
         model.ln_vision.reset_parameters()
         with torch.no_grad():
             model.query_tokens.normal_(std=0.02)
@@ -276,10 +265,9 @@ class Blip2Stage1(Querying):
 
 
 def itc_loss(img_feats, txt_feat, temp):
-    """Image-text contrastive loss. img_feats (B, Q, D) and txt_feat (B, D) normalised, this rank's rows.
-    Each image is scored against every text of every rank and back; a pair's score is its best query.
-    Deviation from LAVIS: the gather keeps gradients, so G ranks of B equal one process of G*B.
-    Returns the loss and the temp-scaled similarities (B, G*B) both ways, for the ITM negatives."""
+    """Image-text contrastive loss: this rank's normalised img_feats (B, Q, D) and txt_feat (B, D) against every
+    rank's, both ways; a pair's score is its best query. Deviation from LAVIS: the gather keeps gradients, so G ranks
+    of B equal one process of G*B. -> the loss and the temp-scaled similarities (B, G*B) both ways, for ITM."""
     img_all, txt_all = gather(img_feats), gather(txt_feat)                            # (G*B, Q, D), (G*B, D)
     sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B)
     sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B)
@@ -290,9 +278,8 @@ def itc_loss(img_feats, txt_feat, temp):
 
 
 def hard_negatives(sim, same, generator=None):
-    """sim (B, N): temp-scaled ITC similarities of this rank's rows against the candidates; same (B, N) bool: the
-    pairs of one image (the row's own positive among them). One index per row, drawn with probability softmax(sim)
-    over the other candidates."""
+    """sim (B, N): temp-scaled ITC similarities of this rank's rows against the candidates; same (B, N) bool: the pairs
+    of one image (the row's positive among them). -> one index per row, drawn by softmax(sim) over the others."""
     with torch.no_grad():
         w = sim.float().masked_fill(same, -10000.0)  # exp(-10000) is exactly 0 in fp32
         return torch.multinomial(w.softmax(dim=1), 1, generator=generator).squeeze(1)

@@ -3,15 +3,14 @@ The frozen image encoder of BLIP-2 (paper §3.1): EVA-CLIP ViT-g/14 or OpenAI CL
 Matches HF `Blip2VisionModel` (modeling_blip_2.py) and LAVIS `eva_vit.py` / `clip_vit.py`.
 
 Notable details
-- BLIP-2 uses the *second-last* layer's output: EVA-g has 40 blocks and BLIP-2 keeps 39 (HF checkpoints store
-  only those 39); CLIP-L has 24 and we build 23, ignoring the last one in the file.
-- The output is not normalised here. `ln_vision` (HF `vision_model.post_layernorm`) is a new, trainable
-  LayerNorm that belongs to the Q-Former side; it lives in stage1.py.
-- EVA: patch conv *with* bias, qkv Linear without bias plus separate q and v biases (no k bias), exact GELU,
-  pre-LN blocks, eps 1e-6, no ln_pre. CLIP: patch conv without bias, `ln_pre` before the blocks, QuickGELU,
-  eps 1e-5. A k bias adds q.b_k to every score of a row, which softmax ignores, so CLIP's k bias is dropped.
-- Position embeddings are interpolated at load time when the image size differs from the checkpoint's
-  (bicubic; align_corners=False for EVA as LAVIS and HF, True for CLIP as LAVIS).
+- BLIP-2 uses the *second-last* layer's output: EVA-g has 40 blocks and BLIP-2 keeps 39 (so do HF checkpoints);
+  CLIP-L has 24 and we build 23, ignoring the file's last one.
+- The output is not normalised here: `ln_vision` (HF `vision_model.post_layernorm`) is trained with the Q-Former.
+- EVA: patch conv *with* bias, qkv without bias plus separate q and v biases (no k bias), exact GELU, pre-LN,
+  eps 1e-6. CLIP: no patch bias, `ln_pre`, QuickGELU, eps 1e-5; its k bias adds q.b_k to a whole row of scores,
+  which softmax ignores, so it is dropped.
+- Position embeddings are interpolated at load time for another image size (bicubic; align_corners=False for EVA
+  as LAVIS and HF, True for CLIP as LAVIS).
 """
 import math
 from dataclasses import dataclass
@@ -60,8 +59,7 @@ class ViTConfig:
                    eps=hf["layer_norm_eps"], act=hf["hidden_act"], clip=clip, source_image_size=hf["image_size"])
 
     def to_hf(self):
-        """The inverse of `from_hf`: a BLIP-2 vision_config (EVA) or a CLIPVisionModel config.json (CLIP, with the
-        last layer that we do not build)."""
+        """The inverse of `from_hf`: a BLIP-2 vision_config, or a CLIPVisionModel config.json (with the last layer)."""
         d = dict(hidden_size=self.width, intermediate_size=self.mlp, num_hidden_layers=self.depth + self.clip,
                  num_attention_heads=self.heads, image_size=self.image_size, patch_size=self.patch_size,
                  layer_norm_eps=self.eps, hidden_act=self.act)
@@ -130,8 +128,7 @@ class ViT(nn.Module):
 
     def forward(self, pixel_values):  # (B, 3, S, S) -> (B, N, C), N = (S/patch)^2 + 1
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1) + self.pos_embed
-        x = self.ln_pre(x)
+        x = self.ln_pre(torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1) + self.pos_embed)
         for block in self.blocks:
             x = block(x)
         return x
@@ -151,8 +148,7 @@ def interpolate_pos_embed(pos, num_patches, align_corners):
 
 def hf_keys(cfg):
     """`load_weights` arguments for a BLIP-2 folder (EVA) or a CLIPVisionModel / CLIPModel folder (CLIP): our key ->
-    its HF key (`{i}` the block), or (fn, [HF keys], inverse) where the file's tensors are combined; the inverse
-    (our tensor -> those HF tensors) is what export.py writes."""
+    its HF key (`{i}` the block), or (fn, [HF keys], inverse) where tensors are combined; export.py writes inverses."""
     n, C, zero = (cfg.image_size // cfg.patch_size) ** 2, cfg.width, torch.zeros_like
     pos = lambda t: interpolate_pos_embed(t, n, align_corners=cfg.clip)
     L, A = "encoder.layers.{i}.", "encoder.layers.{i}.self_attn."
