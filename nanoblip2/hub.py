@@ -1,16 +1,18 @@
 """
 The Hub: a Hub id (org/name) -> a local folder, from the HF cache if complete there, else downloaded into it.
+
 Notable details
 - The cache is huggingface_hub's: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub, laid out as
-  models--org--name/refs/<revision> (holding a commit hash) and models--org--name/snapshots/<commit>/<file>. Its
-  files may be symlinks into blobs/ (isfile and open follow them); ours are plain files, which it reads as well.
-- A snapshot counts when it has config.json and all its weights (safetensors_files); then no request is made.
-- Downloads use urllib from $HF_ENDPOINT/{repo}/resolve/{revision}/{file}, never *.bin. The commit is config.json's
-  X-Repo-Commit header (a small git file, answered directly rather than redirected to the CDN). Optional files
-  answering 404 are absent. A file already in the snapshot was complete when renamed there: it is not fetched again.
-- Each file streams into <file>.<pid>.incomplete beside its final name (so concurrent ranks do not collide) and is
-  renamed only once it has the announced Content-Length: an interrupted download never leaves a truncated file.
+  models--org--name/refs/<revision> (a commit hash) and models--org--name/snapshots/<commit>/<file>. Its files may
+  be symlinks into blobs/ (isfile and open follow them); ours are plain files, which it reads as well.
+- A snapshot with config.json and all its weights (safetensors_files) is used without a request.
+- Downloads: urllib from $HF_ENDPOINT/{repo}/resolve/{revision}/{file}, never *.bin. The commit is config.json's
+  X-Repo-Commit header (a small git file is answered directly, not redirected to the CDN). An optional file that
+  answers 404 is absent. A file already in the snapshot was complete when renamed there and is not fetched again.
+- Each file streams into <file>.<pid>.incomplete (concurrent ranks do not collide), renamed once it has the
+  announced Content-Length: an interrupted download never leaves a truncated file.
 """
+import contextlib
 import json
 import os
 import re
@@ -35,13 +37,6 @@ class HubError(OSError):
 def hub_cache():
     home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
     return os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
-
-
-def _complete(snapshot):
-    try:
-        return os.path.isfile(os.path.join(snapshot, "config.json")) and bool(safetensors_files(snapshot))
-    except CheckpointError:  # no weights, a missing shard, an unreadable index
-        return False
 
 
 def _save(resp, path, url):
@@ -74,8 +69,10 @@ def resolve(src, revision="main"):
     if not is_commit and os.path.isfile(ref):
         with open(ref) as f:
             commit = f.read().strip()
-    if _complete(os.path.join(repo_dir, "snapshots", commit)):
-        return os.path.join(repo_dir, "snapshots", commit)
+    snapshot = os.path.join(repo_dir, "snapshots", commit)
+    with contextlib.suppress(CheckpointError):  # no weights, a missing shard, an unreadable index
+        if os.path.isfile(os.path.join(snapshot, "config.json")) and safetensors_files(snapshot):
+            return snapshot
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     base = f"{endpoint}/{src}/resolve/{urllib.parse.quote(revision, safe='')}/"
@@ -102,12 +99,10 @@ def resolve(src, revision="main"):
                     raise HubError(f"{base + name}: HTTP {e.code} {e.reason}") from None
             return True
 
-        index = os.path.join(snapshot, "model.safetensors.index.json")
+        index, shards = os.path.join(snapshot, "model.safetensors.index.json"), ["model.safetensors"]
         if get("model.safetensors.index.json"):
             with reading(index), open(index, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            shards = ["model.safetensors"]
         for name in shards + OPTIONAL_FILES:
             get(name, optional=name in OPTIONAL_FILES)
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # refused, DNS, timeout, server error

@@ -2,21 +2,17 @@
 The one strict loader: HF-format safetensors (single file or sharded) -> our modules.
 
 Notable details
-- Each model file owns an explicit table {our key template: HF key template}, with `{i}` standing for a layer
-  index (litgpt style). A value may also be `(fn, [HF templates])`: the tensors are read and combined by `fn`
-  (fuse q/k/v, fold BERT's token-type row into the positions, grow the vocabulary by [DEC], interpolate the
-  position embedding to a new image size).
-- Strict: every tensor of the module must come from the file, every tensor in the file must be used or match
-  the ignore list (fnmatch patterns), and every shape must agree. Otherwise one error lists all the offenders.
-  Keys that may keep their fresh initialisation when the file lacks them (BERT has no cross-attention, a plain
-  BertModel no MLM head) are named in `fresh`.
-- Lazy: files are opened with `safe_open` and tensors are read one at a time and copied straight into the
-  parameters, which casts them to the parameters' dtype. Build the module on the meta device and `to_empty` it
-  first and peak memory stays at one model plus one tensor.
-- Old BERT checkpoints name LayerNorm parameters gamma/beta and prefix keys with `bert.`; `canon` rewrites
-  file keys before matching.
-- Every file that loading reads (weights, configs, tokenizers, optimiser state) is read inside `reading(path)`:
-  whatever goes wrong there (a truncated file, bad JSON, a refused pickle) is one CheckpointError naming the file.
+- Each model file owns an explicit table {our key template: HF key template}, `{i}` standing for a layer index
+  (litgpt style). A value may be `(fn, [HF templates])`: `fn` combines the tensors (fuse q/k/v, fold BERT's
+  token-type row into the positions, grow the vocabulary by [DEC], interpolate the position embedding).
+- Strict: every tensor of the module comes from the file, every tensor of the file is used or matches the ignore
+  list (fnmatch patterns), every shape agrees; else one error lists all the offenders. `fresh` names the keys that
+  may keep their initialisation when the file lacks them (BERT has no cross-attention, BertModel no MLM head).
+- Lazy: tensors are read one at a time with `safe_open` and copied into the parameters, which casts them. Into a
+  module from `build_empty`, memory peaks at one model plus one tensor (or 64 MB, see `_Reader`).
+- Old BERT checkpoints name LayerNorm parameters gamma/beta and prefix keys with `bert.`; `canon` rewrites them.
+- Every file loading reads (weights, configs, tokenizers, optimiser state) is read inside `reading(path)`: a truncated
+  file, bad JSON or a missing key, our own ValueErrors, a pickle weights_only=True refuses: one CheckpointError.
 """
 import contextlib
 import fnmatch
@@ -24,6 +20,7 @@ import json
 import os
 import re
 import time
+from unittest import mock
 
 import torch
 from safetensors import safe_open
@@ -35,9 +32,7 @@ class CheckpointError(ValueError):
 
 @contextlib.contextmanager
 def reading(path):
-    """Every failure to read or use the file or folder `path` inside this block -> CheckpointError naming it: a
-    truncated safetensors, a config.json that is not JSON or lacks a key, a folder of the wrong kind of model (our
-    own ValueErrors), a damaged optim.pt or one that torch.load(weights_only=True) refuses."""
+    """Any failure to read or use the file or folder `path` in this block -> one CheckpointError naming it."""
     try:
         yield
     except CheckpointError:
@@ -92,28 +87,15 @@ def safetensors_keys(files):
     return where
 
 
-def _template_regex(template):
-    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
-
-
 def match(table, key):
     """Our key -> (its entry in `table`, the HF keys it names with the layer index filled in), or None. An entry is
     an HF template, or (fn, [HF templates]) / (fn, [HF templates], inverse) for tensors that are combined."""
     for ours, entry in [(key, table[key])] if key in table else table.items():
-        m = _template_regex(ours).match(key)
+        m = re.fullmatch(re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)"), key)
         if m:
             i, names = m.groupdict().get("i"), [entry] if isinstance(entry, str) else entry[1]
             return entry, [s.format(i=i) if "{i}" in s else s for s in names]
     return None
-
-
-def _resolve(table, key):
-    """Our key -> (fn or None, [HF keys]) using the first matching template, or None if no template matches."""
-    hit = match(table, key)
-    if hit is None:
-        return None
-    entry, names = hit
-    return None if isinstance(entry, str) else entry[0], names
 
 
 def prefixed(keys, ours="", hf=""):
@@ -127,34 +109,30 @@ def prefixed(keys, ours="", hf=""):
                 fresh=[ours + p for p in keys["fresh"]], canon=canon)
 
 
-def load_weights(module, folder_or_files, table, ignore=(), fresh=(), canon=None, verbose=True):
-    """Copy the tensors of an HF checkpoint into `module`, strictly. Returns the number of tensors copied."""
+def load_weights(module, folder, table, ignore=(), fresh=(), canon=None):
+    """Copy the tensors of an HF checkpoint folder into `module`, strictly. Returns the number of tensors copied."""
     t0 = time.time()
-    if isinstance(folder_or_files, (str, os.PathLike)):
-        files = safetensors_files(os.fspath(folder_or_files))
-    else:
-        files = list(folder_or_files)
+    files = safetensors_files(os.fspath(folder))
     where = {canon(k) if canon else k: (f, k) for k, f in safetensors_keys(files).items()}  # canonical -> (file, key)
 
-    ours = dict(module.state_dict(keep_vars=True))
-    plan, missing, used = {}, [], set()
+    ours = module.state_dict(keep_vars=True)
+    plan, missing = {}, []  # plan: our key -> (its table entry, [HF keys])
     for key in ours:
-        hit = _resolve(table, key)
+        hit = match(table, key)
         if hit is None or any(s not in where for s in hit[1]):
-            if any(fnmatch.fnmatchcase(key, p) for p in fresh):
-                continue  # deliberately left at its initialisation
-            missing.append(key if hit is None else f"{key} (from {', '.join(s for s in hit[1] if s not in where)})")
+            if not any(fnmatch.fnmatchcase(key, p) for p in fresh):  # fresh: left at its initialisation
+                missing.append(key if hit is None else f"{key} (from {', '.join(s for s in hit[1] if s not in where)})")
             continue
         plan[key] = hit
-        used.update(hit[1])
+    used = {s for _, srcs in plan.values() for s in srcs}
     unexpected = [k for k in where if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in ignore)]
 
     mismatched, n_params, reader = [], 0, _Reader()
     if not missing and not unexpected:
         with torch.no_grad():
-            for key, (fn, srcs) in plan.items():
+            for key, (entry, srcs) in plan.items():
                 tensors = [reader.get(*where[s]) for s in srcs]
-                t = fn(*tensors) if fn else tensors[0]
+                t = tensors[0] if isinstance(entry, str) else entry[0](*tensors)  # entry[0]: the fn combining them
                 dst = ours[key]
                 if t.shape != dst.shape:
                     mismatched.append(f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(dst.shape)}")
@@ -162,21 +140,19 @@ def load_weights(module, folder_or_files, table, ignore=(), fresh=(), canon=None
                 dst.copy_(t)
                 n_params += t.numel()
     if missing or unexpected or mismatched:
-        lines = [f"checkpoint {folder_or_files} does not fit {type(module).__name__}:"]
+        lines = [f"checkpoint {folder} does not fit {type(module).__name__}:"]
         for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
             if keys:
                 lines.append(f"  {len(keys)} {name}: " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
         raise CheckpointError("\n".join(lines))
-    if verbose:
-        print(f"loaded {type(module).__name__}: {len(plan)} tensors, {n_params / 1e6:.2f}M params "
-              f"from {len(files)} file(s) in {time.time() - t0:.1f}s")
+    print(f"loaded {type(module).__name__}: {len(plan)} tensors, {n_params / 1e6:.2f}M params "
+          f"from {len(files)} file(s) in {time.time() - t0:.1f}s")
     return len(plan)
 
 
 class _Reader:
-    """safetensors maps the file into memory, and every page read stays in this process's RSS until it is unmapped:
-    read a 10 GB file into a 10 GB model and the peak is 20 GB. So the file is reopened every 64 MB read, which
-    drops the pages read so far, and the peak stays at the model plus 64 MB (or its largest tensor)."""
+    """safe_open maps the file, and pages read stay in RSS until unmapped (a 10 GB file into a 10 GB model: 20 GB peak).
+    Reopening it every 64 MB read drops them: the peak is the model plus 64 MB (or its largest tensor)."""
 
     def __init__(self, budget=64 << 20):
         self.budget, self.file, self.handle, self.read = budget, None, None, 0
@@ -193,16 +169,10 @@ class _Reader:
 def build_empty(cls, cfg, device="cpu", dtype=None):
     """Instantiate without running any initialisation (meta device), then allocate on `device`. The init functions
     are switched off meanwhile: on meta they do nothing useful, and normal_ there imports torch._dynamo (~2 s)."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_", "constant_")
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, lambda t, *args, **kwargs: t)
-        with torch.device("meta"):
-            m = cls(cfg) if dtype is None else cls(cfg).to(dtype)
-    finally:
-        for n, f in saved.items():
-            setattr(torch.nn.init, n, f)
+    inits = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_", "constant_")
+    skip = lambda t, *args, **kwargs: t
+    with mock.patch.multiple(torch.nn.init, **dict.fromkeys(inits, skip)), torch.device("meta"):
+        m = cls(cfg) if dtype is None else cls(cfg).to(dtype)
     return m.to_empty(device=device)
 
 
