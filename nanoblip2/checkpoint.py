@@ -1,7 +1,6 @@
 """
-Our own checkpoints: a folder with config.json (model + training config, the sources of the frozen parts and a
-fingerprint of their weights), model.safetensors (the trainable tensors only), meta.json (step, metrics) and
-optim.pt (optimiser and random states, for an exact resume).
+Our own checkpoints: a folder with config.json (model and training config, frozen parts' sources and fingerprints),
+model.safetensors (trainable tensors only), meta.json (step, metrics), optim.pt (optimiser and random states).
 
 Notable details
 - The folder a script names (out/stage1/ckpt) is a symlink to the folder of the last save (ckpt.saved-XXXX beside
@@ -64,9 +63,8 @@ def _exchange(a, b):
 
 def fingerprint(folder):
     """A cheap identity of a folder's weights: SHA-256 over each safetensors file's size and 17 evenly spaced 64 KiB
-    samples (the header included), a few ms for any size. Our checkpoints name their frozen parts by path; this
-    notices when the files there were replaced since training (a rerun of data/shapes/prepare.py, another
-    download), which would otherwise load and give garbage without a word."""
+    samples (header included), a few ms for any size. Our checkpoints name their frozen parts by path: this notices
+    files replaced since training (a rerun of data/shapes/prepare.py), which would load and give garbage silently."""
     h = hashlib.sha256()
     for path in safetensors_files(folder):
         size = os.path.getsize(path)
@@ -88,8 +86,7 @@ def check_frozen(folder, d):
 
 
 def checkpoint_folder(folder):
-    """The checkpoint to resume from: `folder`, or `folder.old` where a save of older code was cut between its two
-    renames."""
+    """The checkpoint to resume from: `folder`, or `folder.old` where older code's save was cut between its renames."""
     for f in (folder, folder + ".old"):
         if os.path.isfile(os.path.join(f, "model.safetensors")):
             return f

@@ -1,11 +1,10 @@
 """
 `--key=value` overrides for the config dataclass at the top of each script (nanoGPT's configurator, without exec).
 Values are parsed by the field's type; an unknown key or a bad value is a one-line error; -h lists the fields.
-`--key value` works too, except for booleans, where a bare `--key` means true.
+`--key value` works too, except for booleans, where a bare `--key` means true. A JSON file of {"key": value} sets
+its keys the same way, in order: `python train_stage1.py config/stage1_coco_vitg.json --batch_size=32`.
 `run(main, cfg)` runs a script: a file or folder that cannot be used (CheckpointError, AnnotationError, ImageError,
 HubError, a missing file) is one line `error: ...` on stderr and exit status 2, never a traceback.
-A JSON file of {"key": value} given as an argument (e.g. config/stage1_coco_vitg.json) sets its keys the same way,
-in order: `python train_stage1.py config/stage1_coco_vitg.json --batch_size=32`.
 """
 import dataclasses
 import json
@@ -18,11 +17,9 @@ from .load import CheckpointError
 
 def _parse(value, typ, key):
     if typ in (bool, "bool"):
-        if value.lower() in ("1", "true", "yes"):
-            return True
-        if value.lower() in ("0", "false", "no"):
-            return False
-        raise SystemExit(f"error: --{key} wants true or false, got {value!r}")
+        if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise SystemExit(f"error: --{key} wants true or false, got {value!r}")
+        return value.lower() in ("1", "true", "yes")
     for t in (int, float, str):
         if typ in (t, t.__name__):
             try:
@@ -30,23 +27,20 @@ def _parse(value, typ, key):
             except ValueError:
                 raise SystemExit(f"error: --{key} wants {t.__name__}, got {value!r}") from None
     if "None" in str(typ):  # e.g. "str | None", "int | None"
-        if value.lower() == "none":
-            return None
-        return _parse(value, str(typ).split("|")[0].strip(), key)
+        return None if value.lower() == "none" else _parse(value, str(typ).split("|")[0].strip(), key)
     raise SystemExit(f"error: --{key} has a type ({typ}) that cannot be set from the command line")
 
 
 def parse_args(cfg, argv=None, doc=""):
     """Override the fields of the dataclass instance `cfg` from `--key=value` arguments; returns cfg."""
-    argv = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
     fields = {f.name: f for f in dataclasses.fields(cfg)}
-    if any(a in ("-h", "--help") for a in argv):
+    if any(a in ("-h", "--help") for a in args):
         print(doc.strip() + "\n\noptions (--key=value):")
         for f in fields.values():
             print(f"  --{f.name}={getattr(cfg, f.name)!r}")
         raise SystemExit(0)
     pairs = []  # (key, "=" or "", value, where), from config files and --key=value, in order
-    args = list(argv)
     while args:
         arg = args.pop(0)
         if arg.endswith(".json") and not arg.startswith("--"):
