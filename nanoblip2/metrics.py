@@ -7,29 +7,26 @@ with `ptb_tokenize` standing in for its Java `PTBTokenizer`. VQA: the official V
 (GT-Vision-Lab/VQA, the same as lavis/common/vqa_tools/vqa_eval.py).
 
 Notable details:
-- Retrieval rank = position in `np.argsort(scores)[::-1]`, best over an image's ground-truth texts; R@K = % of
-  queries with rank < K. Ties keep numpy's argsort order, reversed, as in LAVIS. `agg_metrics` is LAVIS's choice:
-  the text-retrieval mean only.
-- BLEU is a corpus score, not a mean of sentence scores: clipped n-gram matches and hypothesis n-gram counts are
-  summed over all images, the reference length per image is the "closest" one (ties go to the shorter), and the
-  brevity penalty is applied once, to the totals. Precisions are (correct + 1e-15) / (guess + 1e-9), so a zero count
-  gives ~0, never a division error.
-- CIDEr is coco-caption's CIDEr-D: tf-idf over 1..4-grams, document frequency counted over the *reference* sets (one
-  document per image), idf = log(#images) - log(max(1, df)), cosine with a clipped numerator min(hyp, ref) * ref,
-  a Gaussian length penalty exp(-delta^2 / 2 sigma^2) with sigma = 6, mean over n, mean over references, x10, mean
-  over images. With a single image, idf is 0 everywhere and so is CIDEr. pycocoevalcap counts length in bigrams
-  (words - 1), we in words: they differ only for an empty caption, whose cosine is 0 anyway.
+- Retrieval rank = position in `np.argsort(scores)[::-1]` (ties in numpy's order, reversed, as LAVIS), best over
+  an image's ground-truth texts; R@K = % of queries with rank < K. `agg_metrics` is LAVIS's: the text-retrieval mean.
+- BLEU is a corpus score: clipped n-gram matches and hypothesis n-gram counts are summed over all images, the
+  reference length per image is the "closest" one (ties go to the shorter), and the brevity penalty is applied once,
+  to the totals. Precisions are (correct + 1e-15) / (guess + 1e-9): a zero count gives ~0, not an error.
+- CIDEr is coco-caption's CIDEr-D: tf-idf over 1..4-grams, document frequencies over the *reference* sets (one
+  per image), idf = log(#images) - log(max(1, df)) (0 for a single image), a cosine with the clipped numerator
+  min(hyp, ref) * ref, a Gaussian length penalty with sigma = 6, x10. pycocoevalcap counts length in bigrams
+  (words - 1), we in words: only an empty caption differs, and its cosine is 0.
 - `ptb_tokenize` imitates Stanford PTBTokenizer 3.4.1 `-preserveLines -lowerCase` plus pycocoevalcap's punctuation
-  filter, and matches the Java run on every case in tests/test_metrics.py. As in that pipeline, brackets become
-  "-lrb-", "-rrb-", "-lcb-", ... after lowercasing, which the (upper-case) filter does not remove, and runs such as
-  "?!" or "!!" are kept as one token. Known differences: no full abbreviation list (only "u.s."-style initials and a
-  few titles keep their final period, so "no. 5" loses it), no "'tis", "rock'n'roll" or "y'all" splits, no URLs.
-- VQA accuracy per question: for each of the 10 humans, min(#matches among the other 9 / 3, 1), then the mean. So
-  4+ matching humans give 1.0, 3 give 0.9, 2 give 0.6, 1 gives 0.3. The prediction is fully normalised (punctuation,
-  number words, articles, contractions); the human answers only get the punctuation step, and only when they
-  disagree, because the VQAv2 annotations are already normalised. Any "d,d" in a string makes the punctuation step
-  delete (not space out) every listed mark, so "1,000" -> "1000". Upstream's period regex has a malformed
-  look-behind and gets `re.UNICODE` (= 32) as its `count`; both are kept. Scores are not rounded (upstream: 2 places).
+  filter, and matches the Java run on every case in tests/test_metrics.py: brackets become "-lrb-", "-rrb-", ...
+  after lowercasing, so the (upper-case) filter keeps them, and runs such as "?!" stay one token. Not imitated: the
+  full abbreviation list (only "u.s."-style initials and a few titles keep their final period: "no. 5" loses it),
+  "'tis", "rock'n'roll" and "y'all" splits, URLs.
+- VQA accuracy per question: for each of the 10 humans, min(#matches among the other 9 / 3, 1), then the mean (4+
+  matching humans give 1.0, 3 give 0.9, 2 give 0.6, 1 gives 0.3). The prediction is fully normalised (punctuation,
+  number words, articles, contractions); the human answers, normalised already, only get the punctuation step, and
+  only if they disagree. Any "d,d" in a string makes that step delete (not space out) every listed mark: "1,000" ->
+  "1000". Upstream's period regex has a malformed look-behind and gets `re.UNICODE` (= 32) as its `count`; both are
+  kept. Scores are not rounded (upstream: 2 places).
 """
 import math
 import re
@@ -41,27 +38,21 @@ import torch
 # ----------------------------------------------------------------------------- retrieval
 
 
-def _numpy(x):
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        return (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).numpy()
-    return np.asarray(x)
-
-
 def _ranks(scores, gt):
+    if isinstance(scores, torch.Tensor):  # numpy has no bfloat16
+        scores = scores.detach().cpu()
+        scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
     ranks = np.zeros(len(scores))
-    for i, row in enumerate(scores):
+    for i, row in enumerate(np.asarray(scores)):
         order = np.argsort(row)[::-1]  # best first
-        pos = np.empty(len(order), dtype=np.int64)
-        pos[order] = np.arange(len(order))  # pos[j] = rank of candidate j
-        ranks[i] = min(pos[j] for j in gt[i])
+        ranks[i] = min(np.where(order == j)[0][0] for j in gt[i])
     return ranks
 
 
 def retrieval_recall(scores_i2t, scores_t2i, img2txt, txt2img):
     """scores_i2t (N_img, N_txt), scores_t2i (N_txt, N_img); img2txt[i] = text ids of image i; txt2img[t] = image id."""
-    tr = _ranks(_numpy(scores_i2t), img2txt)
-    ir = _ranks(_numpy(scores_t2i), [[i] for i in txt2img])
+    tr = _ranks(scores_i2t, img2txt)
+    ir = _ranks(scores_t2i, [[i] for i in txt2img])
     out = {}
     for name, ranks in (("txt", tr), ("img", ir)):
         for k in (1, 5, 10):
@@ -133,8 +124,7 @@ def bleu(gts, res, n=4):
             guess[k] += max(0, hyp_len - k)
         testlen += hyp_len
         reflen += min((abs(len(r.split()) - hyp_len), len(r.split())) for r in refs)[1]  # "closest"
-    tiny, small = 1e-15, 1e-9
-    scores, p = [], 1.0
+    tiny, small, scores, p = 1e-15, 1e-9, [], 1.0
     for k in range(n):
         p *= (correct[k] + tiny) / (guess[k] + small)
         scores.append(p ** (1.0 / (k + 1)))  # geometric mean of the precisions 1..k+1
@@ -210,9 +200,8 @@ _CONTRACTIONS = {
     "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
     "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
     "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've",
-    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
-    "youll": "you'll", "youre": "you're", "youve": "you've",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }  # the uppercase keys never match (the text is lowercased first); kept as upstream has them
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -253,20 +242,17 @@ def vqa_score(preds, answers_list):
     return 100.0 * sum(vqa_accuracy(p, a) for p, a in zip(preds, answers_list, strict=True)) / len(preds)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# the shapes world (data/shapes/prepare.py): is what a caption says about the scene true?
+# ----------------------------------------------------------------------------- shapes world: is a caption true?
 
 _WHERE = r"(?:in|at|on) the (top left|top right|bottom left|bottom right|top|bottom|left|right|middle)"
 _COUNT = {"a single": 1, "one": 1, "two": 2, "three": 3}
 
 
 def scene_accuracy(captions, scenes):
-    """Attribute accuracy of generated captions against the scenes they describe ({"objects": [{"shape", "colour",
-    "size", "position"}], "background"}, as in data/shapes/*.json). Every statement a caption makes is checked: each
-    object it names by its shape (the shape exists; its colour, size and position words, where given, are that
-    object's), a count ("two shapes", "a single ...") and the background. -> {"accuracy": true statements / all
-    statements, "objects": objects named / objects in the scenes}, summed over all captions. The vocabulary is read
-    from the scenes, so only words the world uses are recognised."""
+    """Captions against their scenes (data/shapes/*.json) -> {"accuracy": true statements / all statements,
+    "objects": objects named / objects in the scenes}, over all captions. A statement is each object named by its
+    shape (it exists; its colour, size and position words, where given, are that object's), a count ("two shapes",
+    "a single ...") or the background. Only the words the scenes use are recognised."""
     objects = [o for s in scenes for o in s["objects"]]
     words = lambda key: "|".join(sorted({re.escape(o[key]) for o in objects}, key=len, reverse=True))
     mention = re.compile(rf"\b(?:({words('size')}) )?(?:({words('colour')}) )?({words('shape')})s?\b(?: {_WHERE})?")

@@ -1,55 +1,42 @@
 r"""
 Tokenizers, as thin wrappers over the `tokenizers` library (no transformers at runtime).
 
-Q-Former: BERT WordPiece (`bert-base-uncased`) plus a `[DEC]` BOS token, as LAVIS builds it in
-`Blip2Base.init_tokenizer` (lavis/models/blip2_models/blip2.py:31-34):
-`BertTokenizer.from_pretrained("bert-base-uncased", truncation_side="right")` then
-`add_special_tokens({"bos_token": "[DEC]"})`. HF: `BertTokenizer` (models/bert/tokenization_bert.py).
+Q-Former: BERT WordPiece (`bert-base-uncased`) plus a `[DEC]` BOS token, as LAVIS `Blip2Base.init_tokenizer`
+(lavis/models/blip2_models/blip2.py:31-34): `BertTokenizer.from_pretrained("bert-base-uncased",
+truncation_side="right")`, then `add_special_tokens({"bos_token": "[DEC]"})`. HF: models/bert/tokenization_bert.py.
 
 Notable details:
-- `[DEC]` takes the next free id (30522 for bert-base-uncased, hence the Q-Former's 30523 embedding rows).
-  If the folder's vocabulary already has `[DEC]` (a saved BLIP-2 tokenizer may), its id is reused.
-  The tokenizer never inserts `[DEC]` itself: LAVIS's ITG swaps the `[CLS]` at position 0 for `bos_id` by hand.
-- `tokenizer.json` wins over `vocab.txt`. From `vocab.txt` we rebuild HF's pipeline: BertNormalizer (clean text, split
-  Chinese characters, lowercase per `tokenizer_config.json` `do_lower_case`, default True; accents are stripped
-  whenever lowercasing unless `strip_accents` says otherwise, so "Café" -> "cafe"), BertPreTokenizer
-  (whitespace + punctuation), WordPiece (`##` continuation, words over 100 characters become `[UNK]`), `[CLS] $A [SEP]`.
-- Special tokens are "added tokens": a literal "[SEP]" or "[DEC]" in a caption becomes that one token, as in HF.
-- Truncation is on the right and keeps the final `[SEP]`: the text is cut to `max_length - 2` tokens before
-  `[CLS]`/`[SEP]` are added. Padding is on the right with `[PAD]` = 0 unless `padding_side="left"`.
-- `decode` follows LAVIS's (slow, transformers 4) BertTokenizer: skips special tokens by default and then applies
-  HF's `clean_up_tokenization` to the joined string ("man ' s" -> "man's"). The `tokenizers` WordPiece decoder alone
-  cleans up per token and leaves "man ' s"; so does transformers 5's BertTokenizer unless
-  `clean_up_tokenization_spaces` is set (its default changed from True in transformers 4 to False).
-- Padding/truncation settings stored inside a `tokenizer.json` are cleared on load; `__call__` sets its own.
+- `[DEC]` takes the next free id (30522, hence the Q-Former's 30523 embedding rows), or keeps the one a saved
+  vocabulary gives it. It is never inserted: LAVIS's ITG swaps the `[CLS]` at position 0 for `bos_id` by hand.
+- `tokenizer.json` wins over `vocab.txt`, from which HF's pipeline is rebuilt. Lowercasing (`tokenizer_config.json`
+  `do_lower_case`, default True) also strips accents unless `strip_accents` says otherwise: "Café" -> "cafe". A word
+  over 100 characters becomes `[UNK]`.
+- Special tokens are "added tokens": a literal "[SEP]" or "[DEC]" in a caption is that one token, as in HF.
+- Truncation is on the right and keeps the final `[SEP]` (the text is cut to `max_length - 2` tokens). Padding is on
+  the right with `[PAD]` = 0 unless `padding_side="left"`. A `tokenizer.json`'s own padding/truncation is cleared.
+- `decode` follows LAVIS's (slow, transformers 4) BertTokenizer: skips special tokens, then HF's `clean_up_tokenization`
+  on the joined string ("man ' s" -> "man's"), which the `tokenizers` decoder and transformers 5 (by default) skip.
 
 OPT: GPT-2 byte-level BPE, as `AutoTokenizer.from_pretrained("facebook/opt-2.7b", use_fast=False)` in LAVIS
 `Blip2OPT.__init__` (lavis/models/blip2_models/blip2_opt.py:91-93). HF: models/gpt2/tokenization_gpt2.py.
-- Every text gets the BOS `</s>` (id 2) in front (`add_bos_token`, True unless `tokenizer_config.json` says otherwise,
-  because transformers 5 no longer writes it there) and no EOS at the end. Pad is `<pad>` = 1, and unk is also `</s>`.
-- Generation ends on "\n", not on EOS. In byte-level BPE the vocabulary string for "\n" is "Ċ" (each byte is mapped to
-  a printable character), so `token_id("\n")` fails; use `tok.newline_id` = `token_id("Ċ")` (50118 in OPT), the
-  token a caption's final "\n" becomes.
-- Vocabulary, merges and added tokens come from the files; the pipeline around them is rebuilt as transformers'
-  GPT2Tokenizer builds it (ByteLevel pre-tokenizer with `add_prefix_space` from the config, default False; ByteLevel
-  decoder; no normalizer), whatever a `tokenizer.json` says. A leading space is part of the first word ("Ġa" != "a").
-- Added tokens keep the ids their files give them: `<image>` = 50265 in the 2024 Salesforce/blip2-opt-* uploads
-  (`added_tokens.json`, `added_tokens_decoder` in `tokenizer_config.json`, or `added_tokens` in `tokenizer.json`).
-  Special are the named tokens (bos/eos/unk/pad) and whatever the files mark special: with OPT's files a literal
-  "<s>" in a caption is three BPE pieces, a literal "</s>" one token.
-- `decode` does no space clean-up (transformers refuses to do it for BPE): the bytes are joined and read as UTF-8,
-  with U+FFFD for a cut multi-byte character.
+- Every text gets the BOS `</s>` (id 2) in front (`add_bos_token`, True unless `tokenizer_config.json` says otherwise:
+  transformers 5 no longer writes it) and no EOS at the end. Pad is `<pad>` = 1, unk is also `</s>`.
+- Generation ends on "\n", whose vocabulary string is "Ċ" (byte-level BPE maps each byte to a printable character):
+  `token_id("\n")` fails; `tok.newline_id` = `token_id("Ċ")` (50118 in OPT) is the token a final "\n" becomes.
+- Vocabulary, merges and added tokens come from the files; the pipeline is GPT2Tokenizer's, whatever a
+  `tokenizer.json` says. `add_prefix_space` defaults to False: a leading space is part of the first word ("Ġa" != "a").
+- Added tokens keep their files' ids (`added_tokens.json`, `tokenizer_config.json`'s `added_tokens_decoder`, or
+  `tokenizer.json`'s `added_tokens`): `<image>` = 50265 in the 2024 Salesforce/blip2-opt-* uploads. Special are
+  bos/eos/unk/pad and what the files mark special: with OPT's files a literal "<s>" is three BPE pieces, "</s>" one.
+- `decode` does no space clean-up (transformers refuses to for BPE); a cut multi-byte character reads as U+FFFD.
 
 T5: SentencePiece Unigram, as `T5TokenizerFast.from_pretrained("google/flan-t5-xl")` in LAVIS `Blip2T5.__init__`
 (lavis/models/blip2_models/blip2_t5.py). HF: models/t5/tokenization_t5.py.
-- Needs `tokenizer.json`: reading `spiece.model` takes the protobuf/sentencepiece packages (`tokenizers`'
-  `SentencePieceUnigramTokenizer.from_spm` too), which we do not depend on. flan-t5 repos ship `tokenizer.json`.
+- Needs `tokenizer.json` (flan-t5 repos ship one): `spiece.model` needs protobuf or sentencepiece, `from_spm` too.
 - The file's pipeline is used as it is (flan-t5: Precompiled normalizer, WhitespaceSplit + Metaspace "▁"), as
-  transformers 4's T5TokenizerFast did (transformers 5's `from_pretrained` rebuilds that same pipeline around the
-  file's vocabulary); `</s>` (id 1) is appended to every text even if the file has no post-processor.
-- `<pad>` = 0 is also the decoder start id; unk is `<unk>` = 2; there is no BOS (`bos_id` is None).
-  `<extra_id_*>` sentinels are special tokens (skipped by `decode`).
-- `decode` does no space clean-up, like transformers 5 (transformers 4, which LAVIS ran, glued " ." to ".").
+  transformers 4's T5TokenizerFast did (5 rebuilds the same); `</s>` (id 1) is appended even without a post-processor.
+- `<pad>` = 0 is also the decoder start id; unk is `<unk>` = 2; no BOS (`bos_id` is None). `<extra_id_*>` sentinels
+  are special (skipped by `decode`). No space clean-up, like transformers 5 (4, which LAVIS ran, glued " ." to ".").
 """
 
 import json
@@ -159,8 +146,7 @@ def from_file(path: Path) -> HFTokenizer:
 
 
 def load_opt_tokenizer(folder: str | Path) -> Tokenizer:
-    """The OPT tokenizer from a folder with `tokenizer.json` or `vocab.json` + `merges.txt` (+ the optional
-    `tokenizer_config.json`, `special_tokens_map.json`, `added_tokens.json`)."""
+    """The OPT tokenizer from `tokenizer.json` or `vocab.json` + `merges.txt`, with the optional configs' tokens."""
     folder = Path(folder)
     cfg = {**read_json(folder / "special_tokens_map.json"), **read_json(folder / "tokenizer_config.json")}
     if (folder / "tokenizer.json").is_file():
@@ -192,11 +178,10 @@ def load_opt_tokenizer(folder: str | Path) -> Tokenizer:
         return value["content"] if isinstance(value, dict) else value
     bos, eos, unk, pad = map(name, ("bos", "eos", "unk", "pad"))
     tk.add_special_tokens([bos, eos, unk, pad])  # already in the vocabulary: ids unchanged, now unsplittable
+    tk.post_processor = None  # whatever a tokenizer.json has
     if cfg.get("add_bos_token", True):
         tk.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, tk.token_to_id(bos))])
-    else:
-        tk.post_processor = None
     tok = Tokenizer(tk, pad=pad, bos=bos, eos=eos)
     tok.newline_id = tok.token_id("Ċ")  # byte 0x0A in GPT-2's byte-to-unicode map, a base token of every vocab
     return tok
