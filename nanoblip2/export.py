@@ -102,15 +102,6 @@ def _generation(config):  # generation_config.json: the special ids of an LM's c
             if k in config}
 
 
-def image_token(model):
-    """(image_token_index, grow) for a stage-2 Blip2: see the module docstring."""
-    if model.cfg.image_token_index is not None:
-        return model.cfg.image_token_index, False
-    V = model.cfg.lm.vocab_size
-    n = len(model.tokenizer) if model.tokenizer is not None else V
-    return (n, False) if n < V else (V, True)
-
-
 def blip2_config(model):
     """config.json of a Blip2ForConditionalGeneration (our Blip2) or a Blip2ForImageTextRetrieval (our Blip2Stage1)."""
     cfg, stage1 = model.cfg, not hasattr(model, "lm")
@@ -124,8 +115,11 @@ def blip2_config(model):
              qformer_config=cfg.qformer.to_hf(text=stage1), dtype=_dtype(model))
     if stage1:
         return d | dict(image_text_hidden_size=cfg.embed_dim)
-    index, grow = image_token(model)
-    text = cfg.lm.to_hf() | dict(vocab_size=cfg.lm.vocab_size + grow, eos_token_id=model.end_id)
+    index, V = cfg.image_token_index, cfg.lm.vocab_size
+    if index is None:  # the first id past the tokenizer, or V (a new row) when the embedding has no spare one
+        index = min(V, len(model.tokenizer) if model.tokenizer is not None else V)
+    grow = cfg.image_token_index is None and index == V
+    text = cfg.lm.to_hf() | dict(vocab_size=V + grow, eos_token_id=model.end_id)
     del text["architectures"]
     return d | dict(text_config=text, image_token_index=index, is_encoder_decoder=model.is_t5,
                     use_decoder_only_language_model=not model.is_t5)
@@ -172,11 +166,11 @@ def export_blip2(model, folder):
     table = Blip2.hf_keys(cfg)["table"]
     drop = ["qformer.word_embeddings.*", "qformer.position_embeddings.*", "qformer.layers.*.ffn_text.*",
             "qformer.lm_head.*"]  # a stage-1 text branch, if any: Blip2ForConditionalGeneration has none
-    index, grow = image_token(model)
-    if grow:  # one zero row for <image> in the embedding and an untied head
+    config = blip2_config(model)
+    index = config["image_token_index"]
+    if config["text_config"]["vocab_size"] > cfg.lm.vocab_size:  # a zero row for <image>: embedding, untied head
         for key in ("lm.shared.weight" if model.is_t5 else "lm.embed_tokens.weight", "lm.lm_head.weight"):
             table[key] = (None, [table[key]], lambda w: [torch.cat([w, w.new_zeros(1, w.size(1))])])
-    config = blip2_config(model)
     n = save_weights(model, os.path.join(folder, "model.safetensors"), table, drop)
     _write(folder, "config.json", config)
     _write(folder, "generation_config.json", _generation(config["text_config"]))
@@ -255,8 +249,7 @@ export_opt = export_t5 = export_lm  # the names the callers know
 
 
 def main(argv):
-    """python -m nanoblip2.export <checkpoint> <out>: our stage-1 / stage-2 checkpoint folder, or an HF BLIP-2
-    folder or Hub id, -> an HF Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder."""
+    """python -m nanoblip2.export <checkpoint> <out>: see the usage line."""
     if len(argv) != 2 or argv[0].startswith("-"):
         raise SystemExit("usage: python -m nanoblip2.export <checkpoint> <out>\n  <checkpoint>: our stage-1 or stage-2 "
                          "checkpoint folder, or an HF BLIP-2 folder or Hub id; <out>: the HF folder to write")

@@ -7,9 +7,9 @@ Notable details
   self-attention mask, one of the four pure functions below (Figure 2, right).
 - Cross-attention to the image sits in layers 0, cross_attention_freq, 2*cross_attention_freq, ..., for the query
   positions only: text sees the image only through the queries.
-- Queries and text have separate FFNs (`ffn_query`, `ffn_text`); self-attention and the embedding LayerNorm
-  are shared. Queries get no position embedding; text positions start at 0 after the queries.
-- BERT post-LN blocks: LN(x + dropout(dense(sublayer(x)))), exact GELU, eps 1e-12, additive masks of -10000.
+- Queries and text have separate FFNs (`ffn_query`, `ffn_text`) and share the rest. Queries get no position
+  embedding; text positions start at 0 after the queries.
+- BERT post-LN blocks, LN(x + dropout(dense(sublayer(x)))), exact GELU, eps 1e-12, additive masks of -10000.
 - ITG reuses the query pass's self-attention keys/values as a cache (`past`): the same as one pass over
   [queries; text] with the UniLM mask (tested).
 - The stage-2 form (`text=False`) has no word/position embeddings, no text FFN and no LM head.
@@ -114,12 +114,8 @@ def multimodal_causal_mask(Q, pad):
     m[:, Q:, Q:] &= torch.tril(torch.ones(T, T, dtype=m.dtype, device=m.device))
     return m
 
-# ---------------------------------------------------------------------------------------------------------
 
-
-class Attention(nn.Module):
-    """BERT attention block: LN(x + dropout(dense(softmax(qk^T/sqrt(d) + mask) v))). kv_width != width for cross."""
-
+class Attention(nn.Module):  # self-attention, or cross-attention to a kv_width-wide image
     def __init__(self, cfg, kv_width=None):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.dropout

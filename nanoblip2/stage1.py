@@ -79,7 +79,6 @@ class Blip2Stage1(Querying):
         self.itm_head = nn.Linear(cfg.qformer.width, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
 
-    # --- building blocks --------------------------------------------------------------------------------
     def image_feats(self, image):  # (B, N, Cv) -> normalised per-query features (B, Q, D)
         return F.normalize(self.vision_proj(self.queries(image)[0]), dim=-1)
 
@@ -94,6 +93,7 @@ class Blip2Stage1(Querying):
         return self.itm_head(h[:, :Q.size(1)]).mean(dim=1)
 
     # --- training: the three stage-1 losses (§3.2, LAVIS blip2_qformer.py:90-275) ---------------------------
+
     def forward(self, pixel_values, input_ids, attention_mask, generator=None, image_ids=None, candidates=None):
         """pixel_values (B, 3, S, S); input_ids (B, T) = [CLS] caption [SEP], padded; generator: for the ITM negatives;
         image_ids (B,): samples of one image share an id and are never each other's negatives (LAVIS's image_id
@@ -161,7 +161,6 @@ class Blip2Stage1(Querying):
         target = dec_ids[:, 1:].masked_fill(dec_ids[:, 1:] == self.cfg.pad_id, -100)
         return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, label_smoothing=0.1)
 
-    # --- public scoring ---------------------------------------------------------------------------------
     @torch.no_grad()
     def itm_logits(self, pixel_values, input_ids, attention_mask):
         """Image-text matching logits (B, 2), one image per text; softmax(...)[:, 1] is P(match)."""
@@ -200,7 +199,6 @@ class Blip2Stage1(Querying):
             return out
         return rerank(sims, by_image=True), rerank(sims.T, by_image=False)
 
-    # --- loading ----------------------------------------------------------------------------------------
     @staticmethod
     def hf_keys(cfg):
         """`load_weights` arguments for an HF Blip2ForImageTextRetrieval folder (no temp, no ITG head there)."""

@@ -2,13 +2,12 @@
 The frozen image encoder of BLIP-2 (paper §3.1): EVA-CLIP ViT-g/14 or OpenAI CLIP ViT-L/14.
 Matches HF `Blip2VisionModel` (modeling_blip_2.py) and LAVIS `eva_vit.py` / `clip_vit.py`.
 
-Notable details
-- BLIP-2 uses the *second-last* layer's output: EVA-g has 40 blocks and BLIP-2 keeps 39 (so do HF checkpoints);
-  CLIP-L has 24 and we build 23, ignoring the file's last one.
-- The output is not normalised here: `ln_vision` (HF `vision_model.post_layernorm`) is trained with the Q-Former.
-- EVA: patch conv *with* bias, qkv without bias plus separate q and v biases (no k bias), exact GELU, pre-LN,
-  eps 1e-6. CLIP: no patch bias, `ln_pre`, QuickGELU, eps 1e-5; its k bias adds q.b_k to a whole row of scores,
-  which softmax ignores, so it is dropped.
+Notable details (the sizes: docs/reference.md, "Image encoder")
+- BLIP-2 uses the *second-last* layer's output: EVA-g keeps 39 of its 40 blocks (so do HF checkpoints), CLIP-L 23
+  of 24 (we ignore the file's last one). It is not normalised here: `ln_vision` is trained with the Q-Former.
+- EVA: pre-LN blocks, patch conv *with* bias, qkv without bias plus q and v biases (no k bias), exact GELU, eps 1e-6.
+  CLIP: no patch bias, `ln_pre`, QuickGELU, eps 1e-5; its k bias adds q.b_k to a whole row of scores, which
+  softmax ignores, so it is dropped.
 - Position embeddings are interpolated at load time for another image size (bicubic; align_corners=False for EVA
   as LAVIS and HF, True for CLIP as LAVIS).
 """
