@@ -3,19 +3,16 @@ Text generation shared by OPT and FlanT5: greedy, sampling (temperature, top-p) 
 Produces the same ids as HF `GenerationMixin.generate` (generation/utils.py, transformers 5) for greedy and beam.
 
 Notable details
-- The LLM is a decoder with two calls (nanochat engine.py's pattern): `lm.prefill(embeds, mask)` runs the prompt once
-  -> the logits of its last position (B, V) and a `Cache`; `lm.step(tokens, cache)` feeds one token per row -> (logits,
-  cache). The caller expands both to B * num_beams rows (batch-major) with `cache.expand`; beam search picks the rows
-  that go on with `cache.reorder`. use_cache=False, the reference: `Replay` keeps no K/V, each step re-runs prefill.
-- Lengths are counted in new tokens (`max_new_tokens`, `min_new_tokens`), never in total length.
-- Greedy and sampling modify raw logits; beam search modifies log-probabilities (log_softmax first), as HF does.
-  The repetition penalty looks at `history` (the prompt's token ids) plus everything generated.
-- Beam search is HF's vectorised algorithm: keep the top 2K continuations of all K beams; the best K that did not
-  just end keep running; those among the top K that ended (end token or length limit) compete for the K finished
-  slots with score sum(log p) / new_len ** length_penalty. A batch item stops once all K slots are filled and its
-  best running beam, scored at its current length, cannot beat the worst finished one. length_penalty < 0
-  favours short answers (the paper's VQA setting, -1).
-- Rows that have finished are padded with `pad_id`; the result is (B, longest new length).
+- Two calls per LLM (nanochat engine.py's pattern): `lm.prefill(embeds, mask)` runs the prompt once -> the last
+  position's logits (B, V) and a `Cache`; `lm.step(tokens, cache)` feeds one token per row -> (logits, cache). The
+  caller expands both to B * num_beams rows (batch-major) with `cache.expand`; beam search keeps rows with
+  `cache.reorder`. use_cache=False, the reference: `Replay` keeps no K/V and each step re-runs prefill.
+- Lengths are in new tokens (`max_new_tokens`, `min_new_tokens`). Finished rows are padded with `pad_id`.
+- Greedy and sampling modify raw logits, beam search log-probabilities (as HF). The repetition penalty sees
+  `history` (the prompt's ids) plus everything generated.
+- Beam search is HF's vectorised algorithm, a finished hypothesis scored sum(log p) / new_len ** length_penalty: an
+  item stops when its K slots are full and its best running beam cannot beat the worst finished one.
+  length_penalty < 0 favours short answers (the paper's VQA setting, -1).
 """
 from typing import NamedTuple
 
@@ -82,6 +79,8 @@ def generate(step, logits, cache, history, *, eos_id, pad_id, max_new_tokens=30,
              length_penalty=1.0, repetition_penalty=1.0, do_sample=False, temperature=1.0, top_p=1.0, generator=None):
     """step: `lm.step` (or the cache-free `replay`); logits (B * num_beams, V) and cache from prefill, expanded.
     history: (B, P) prompt ids seen by the repetition penalty (P may be 0). Returns new ids (B, T<=max_new_tokens)."""
+    if do_sample and num_beams > 1:
+        raise ValueError("sampling with beams is not implemented: use do_sample=True or num_beams > 1")
     opts = dict(eos_id=eos_id, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
     if num_beams > 1:
         return beam_search(step, logits, cache, history, num_beams, max_new_tokens, length_penalty, pad_id, opts)

@@ -1,13 +1,10 @@
 """
-The language models' linear layers, with a faster CPU path for decoding.
+The language models' linear layers, with a faster CPU path for decoding (docs/reference.md, "Decoding through oneDNN").
 
-Decoding multiplies a few rows (one per sequence and beam) by every weight matrix of the LM. On the CPU in fp32,
-F.linear sends these skinny products to MKL's sgemm, which on this project's AMD EPYC reads the weights 1.6-4x
-slower than oneDNN does (one decoding step of OPT-125m at batch 8: its 50272 x 768 head takes 31 ms in F.linear, 14
-ms in oneDNN; generation in bench/generate.py, 1.4-1.7x). So, without autograd and for at most ROWS rows, `linear`
-calls oneDNN's kernel on the same weights (no copy, no repacking); anything else (training, prefill of long inputs,
-the GPU) is F.linear. The sums are taken in another order: results differ from F.linear's in the last bits, and are
-as close to an fp64 result.
+Decoding multiplies a few rows by every weight matrix. In fp32 on this project's AMD EPYC, F.linear's MKL sgemm reads
+the weights of such skinny products 1.6-4x slower than oneDNN (OPT-125m's 50272 x 768 head at batch 8: 31 ms vs 14
+ms; generation 1.4-1.7x, bench/generate.py). So, without autograd and for at most ROWS rows, `linear` calls oneDNN on
+the same weights (no copy); the sums, taken in another order, differ in the last bits (as close to fp64).
 """
 import torch
 import torch.nn as nn

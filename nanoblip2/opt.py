@@ -1,25 +1,19 @@
 """
-OPT, the frozen decoder-only LLM of BLIP-2 (paper §3.3, Figure 3 top): the projected queries are a soft visual
-prompt placed before the text embeddings. Matches HF `OPTForCausalLM` (models/opt/modeling_opt.py), which is
-what LAVIS `blip2_opt.py` runs.
+OPT, the frozen decoder-only LLM of BLIP-2 (paper §3.3, Figure 3 top), which reads the soft visual prompt first.
+Matches HF `OPTForCausalLM` (models/opt/modeling_opt.py), which is what LAVIS `blip2_opt.py` runs.
 
 Notable details
-- Learned absolute positions with an offset of 2 (a fairseq leftover): the table has max_positions + 2 rows and
-  token t reads row pos(t) + 2. pos comes from the cumulative sum of the attention mask, minus 1, so the first
-  real token of a left-padded row is position 0; padding positions read row 1.
-- Pre-LN blocks (x + attn(ln1(x)), x + fc2(relu(fc1(ln2(x))))) and a final LayerNorm, all eps 1e-5 (not in
-  the config). opt-350m is the odd one: post-LN blocks (LN after each residual add), no final LayerNorm, and
-  word embeddings of 512 that `project_in` maps up to the width 1024 and `project_out` back down before the head.
-- The 1/sqrt(head_dim) scaling is applied to q right after its projection, before q.k (as HF and fairseq).
-- Causal + padding mask, with the diagonal always allowed: a padding query then sees at least itself, so no
-  softmax row is empty (no NaN in any SDPA backend); rows of real tokens are unchanged.
-- The LM head is the token embedding matrix (tied) unless tie_word_embeddings is False.
-- Generation: `prefill` runs the prompt once, `step` one token per row; their `Cache` (generate.py) holds the (k, v)
-  of every layer, each (B, H, S, head_dim), and the attention mask. `forward` takes the bare list of (k, v).
-- No dropout: BLIP-2 keeps the LLM frozen in eval mode.
-- Checkpoints: keys are matched in the facebook/opt-* layout (model.decoder.*, or decoder.* in old files), put
-  under language_model. for a BLIP-2 folder. A tied lm_head.weight is ignored
-  (transformers 5 does not write it, older files do).
+- Learned positions offset by 2 (a fairseq leftover): the table has max_positions + 2 rows. pos = cumsum(mask) - 1,
+  so the first real token of a left-padded row is position 0 and reads row 2; padding reads row 1.
+- Pre-LN blocks and a final LayerNorm, eps 1e-5 (not in the config). opt-350m is the odd one: post-LN blocks, no
+  final LayerNorm, and 512-wide word embeddings that `project_in` maps up to 1024 and `project_out` back down.
+- q is scaled by 1/sqrt(head_dim) right after its projection (as HF and fairseq).
+- Causal + padding mask with the diagonal always allowed: no softmax row is empty (no NaN in any SDPA backend).
+- The LM head is the token embedding matrix unless tie_word_embeddings is False. No dropout (the LLM is frozen).
+- Generation: `prefill` runs the prompt once, `step` one token per row; their `Cache` (generate.py) holds each
+  layer's (k, v), (B, H, S, head_dim), and the attention mask.
+- Checkpoints: the facebook/opt-* layout (model.decoder.*, or decoder.* in old files), under language_model. in a
+  BLIP-2 folder. A tied lm_head.weight is ignored (older transformers wrote it).
 """
 from dataclasses import dataclass
 
@@ -30,6 +24,14 @@ import torch.nn.functional as F
 from .generate import Cache
 from .linear import Linear, linear
 from .load import build_empty, load_weights, prefixed, read_config
+
+
+# HF's OPTConfig names for our fields. Its defaults are ours, so a key that config.json leaves out keeps our default.
+HF_NAMES = dict(vocab_size="vocab_size", width="hidden_size", depth="num_hidden_layers", heads="num_attention_heads",
+                ffn_dim="ffn_dim", max_positions="max_position_embeddings", word_embed_proj_dim="word_embed_proj_dim",
+                pre_norm="do_layer_norm_before", bias="enable_bias", ln_affine="layer_norm_elementwise_affine",
+                pad_id="pad_token_id", bos_id="bos_token_id", eos_id="eos_token_id",
+                tie_word_embeddings="tie_word_embeddings")
 
 
 @dataclass
@@ -55,38 +57,24 @@ class OPTConfig:
 
     @classmethod
     def from_hf(cls, d):
-        """From an OPT config.json or a BLIP-2 config.json (its text_config). HF omits keys equal to the class
-        defaults (those of OPTConfig in transformers), so they are spelled out here."""
+        """From an OPT config.json or a BLIP-2 config.json (its text_config)."""
         if d.get("model_type") == "blip-2":
             d = {"model_type": "opt"} | (d.get("text_config") or {})  # Blip2Config's text model defaults to OPT
         if d.get("model_type") != "opt":
             raise ValueError(f"model_type {d.get('model_type')!r} is not OPT")
-        hf = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
-                  max_position_embeddings=2048, word_embed_proj_dim=None, do_layer_norm_before=True,
-                  _remove_final_layer_norm=False, enable_bias=True, layer_norm_elementwise_affine=True,
-                  activation_function="relu", pad_token_id=1, bos_token_id=2, eos_token_id=2,
-                  tie_word_embeddings=True) | d
-        if hf["activation_function"] != "relu":
-            raise ValueError(f"activation_function {hf['activation_function']!r}: only OPT's relu is implemented")
-        eos = hf["eos_token_id"]
-        return cls(vocab_size=hf["vocab_size"], width=hf["hidden_size"], depth=hf["num_hidden_layers"],
-                   heads=hf["num_attention_heads"], ffn_dim=hf["ffn_dim"], max_positions=hf["max_position_embeddings"],
-                   word_embed_proj_dim=hf["word_embed_proj_dim"] or hf["hidden_size"],
-                   pre_norm=hf["do_layer_norm_before"],
-                   final_norm=hf["do_layer_norm_before"] and not hf["_remove_final_layer_norm"],
-                   bias=hf["enable_bias"], ln_affine=hf["layer_norm_elementwise_affine"], pad_id=hf["pad_token_id"],
-                   bos_id=hf["bos_token_id"], eos_id=eos[0] if isinstance(eos, list) else eos,
-                   tie_word_embeddings=hf["tie_word_embeddings"])
+        if d.get("activation_function", "relu") != "relu":
+            raise ValueError(f"activation_function {d['activation_function']!r}: only OPT's relu is implemented")
+        kw = {ours: d[hf] for ours, hf in HF_NAMES.items() if hf in d}
+        if isinstance(kw.get("eos_id"), list):
+            kw["eos_id"] = kw["eos_id"][0]
+        pre_norm = kw.get("pre_norm", True)
+        return cls(**kw, final_norm=pre_norm and not d.get("_remove_final_layer_norm", False))
 
     def to_hf(self):
         """The inverse of `from_hf`: an OPTForCausalLM config.json."""
-        return dict(architectures=["OPTForCausalLM"], model_type="opt", vocab_size=self.vocab_size,
-                    hidden_size=self.width, num_hidden_layers=self.depth, num_attention_heads=self.heads,
-                    ffn_dim=self.ffn_dim, max_position_embeddings=self.max_positions,
-                    word_embed_proj_dim=self.word_embed_proj_dim, do_layer_norm_before=self.pre_norm,
-                    _remove_final_layer_norm=self.pre_norm and not self.final_norm, enable_bias=self.bias,
-                    layer_norm_elementwise_affine=self.ln_affine, activation_function="relu", pad_token_id=self.pad_id,
-                    bos_token_id=self.bos_id, eos_token_id=self.eos_id, tie_word_embeddings=self.tie_word_embeddings)
+        return dict(architectures=["OPTForCausalLM"], model_type="opt", activation_function="relu",
+                    _remove_final_layer_norm=self.pre_norm and not self.final_norm,
+                    **{hf: getattr(self, ours) for ours, hf in HF_NAMES.items()})
 
 
 PRESETS = {
@@ -152,10 +140,9 @@ class OPT(nn.Module):
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, keep=0):
-        """-> logits (B, T, V), cache. attention_mask (B, S) covers the cached and the new positions, S = past + T.
-        keep: logits of the last `keep` positions only (B, keep, V), 0 for all (HF's logits_to_keep), or a bool (B, T)
-        mask of the positions to project, -> (N, V) in row-major order. The vocabulary projection is a third of a small
-        OPT's work: generation needs 1 position, stage-2 training those with a target (not the queries, not padding)."""
+        """-> logits (B, T, V), the (k, v) of every layer. attention_mask (B, S) covers the cached and new positions.
+        keep: project only the last `keep` positions (B, keep, V) (HF's logits_to_keep), or those of a bool (B, T)
+        mask -> (N, V); the head is a third of a small OPT's work, and training needs only the targets."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
         B, T = x.shape[:2]
         past = 0 if cache is None else cache[0][0].size(2)
@@ -213,14 +200,8 @@ class OPT(nn.Module):
         return model.eval()
 
 
-def _canon(key):
-    """Old facebook/opt-* files say decoder.*, newer ones model.decoder.*"""
-    return "model." + key if key.startswith("decoder.") else key
-
-
 def hf_keys(cfg):
-    """`load_weights` arguments for a facebook/opt-* folder; `prefixed(..., hf="language_model.")`: a BLIP-2 one.
-    Each entry of `both` is a .weight and a .bias."""
+    """`load_weights` arguments for a facebook/opt-* folder; `prefixed(..., hf="language_model.")`: a BLIP-2 one."""
     D, L = "model.decoder.", "model.decoder.layers.{i}."
     table = {"embed_tokens.weight": D + "embed_tokens.weight", "embed_positions.weight": D + "embed_positions.weight",
              "project_in.weight": D + "project_in.weight", "project_out.weight": D + "project_out.weight",
@@ -232,4 +213,5 @@ def hf_keys(cfg):
             "layers.{i}.attn.v": L + "self_attn.v_proj", "layers.{i}.attn.out": L + "self_attn.out_proj"}
     table |= {f"{ours}.{p}": f"{hf}.{p}" for ours, hf in both.items() for p in ("weight", "bias")}
     ignore = ["lm_head.weight"] if cfg.tie_word_embeddings else []  # = embed_tokens; older transformers wrote it
-    return dict(table=table, ignore=ignore, fresh=[], canon=_canon)
+    # old facebook/opt-* files say decoder.*, newer ones model.decoder.*
+    return dict(table=table, ignore=ignore, fresh=[], canon=lambda k: "model." + k if k.startswith("decoder.") else k)

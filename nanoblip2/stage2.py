@@ -2,10 +2,15 @@
 Stage 2 of BLIP-2 (paper §3.3, Figure 3): vision-to-language generative learning from a frozen LLM. The 32 query
 outputs, projected by one linear layer, are a soft visual prompt for a frozen OPT or FlanT5.
 Matches HF `Blip2ForConditionalGeneration` and LAVIS `blip2_opt.py` / `blip2_t5.py`.
+
+Notable details
+- OPT (decoder-only): the LLM input is [queries; BOS + prompt]; the answer ends at "\\n" (LAVIS). Batched prompts
+  are left-padded and the padding goes before the queries, so the model sees the HF layout.
+- FlanT5 (encoder-decoder): the encoder reads [queries; prompt + </s>], the decoder starts from <pad> = 0.
+  Never in fp16 (the feed-forward activations overflow).
 """
 import dataclasses
 import warnings
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -25,7 +30,7 @@ from .stage1 import Blip2Stage1, Querying
 from .tokenizer import load_opt_tokenizer, load_t5_tokenizer
 
 
-@dataclass
+@dataclasses.dataclass
 class Blip2Config:
     vit: vt.ViTConfig
     qformer: qf.QFormerConfig     # the stage-2 form: no text branch
@@ -44,69 +49,55 @@ class Blip2Config:
 
 
 class Blip2(Querying):
-    """
-    Notable details
-    - OPT (decoder-only): the LLM input is [queries; BOS + prompt]; the answer ends at "\\n" (LAVIS). Batched prompts
-      are left-padded and the padding goes before the queries, so the model sees the HF layout.
-    - FlanT5 (encoder-decoder): the encoder reads [queries; prompt + </s>], the decoder starts from <pad> = 0.
-      Never run in fp16: the feed-forward activations overflow (use bf16 or fp32).
-    - `generate` returns new token ids only, padded with the pad id.
-    """
-
     def __init__(self, cfg):
         super().__init__(cfg)
         self.is_t5 = isinstance(cfg.lm, t5m.T5Config)
         self.lm = t5m.T5(cfg.lm) if self.is_t5 else op.OPT(cfg.lm)
-        # into the LLM's input embedding space (for OPT that is word_embed_proj_dim, = width in every BLIP-2 OPT)
-        self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.d_model if self.is_t5 else cfg.lm.word_embed_proj_dim)
+        width = cfg.lm.d_model if self.is_t5 else cfg.lm.word_embed_proj_dim  # OPT: = width in every BLIP-2 OPT
+        self.language_projection = nn.Linear(cfg.qformer.width, width)  # into the LLM's input embedding space
         self.tokenizer = None  # set by from_pretrained
         self.end_id = cfg.lm.eos_id  # OPT: "\n" (LAVIS), from the tokenizer when there is one
 
     def visual_prompt(self, pixel_values):  # (B, 3, S, S) -> the soft visual prompt (B, Q, C_lm)
         return self.language_projection(self.queries(self.image_embeds(pixel_values))[0])
 
+    def lm_inputs(self, pixel_values, input_ids, attention_mask):  # -> [prompt; text] (B, Q + T, C), mask (B, Q + T)
+        prompt = self.visual_prompt(pixel_values)                                      # (B, Q, C)
+        embeds = torch.cat([prompt, self.lm.embed(input_ids).to(prompt.dtype)], dim=1)
+        return embeds, torch.cat([attention_mask.new_ones(prompt.shape[:2]), attention_mask], dim=1)
+
     # --- training: generative learning (§3.3, LAVIS blip2_opt.py / blip2_t5.py forward) -----------------------
 
     def forward(self, pixel_values, batch):
         """pixel_values (B, 3, S, S); batch from `opt_batch` or `t5_batch`. Returns dict(loss=...), the language
         modelling loss of the caption given the soft visual prompt. The frozen LLM passes gradients through."""
-        prompt = self.visual_prompt(pixel_values)                                      # (B, Q, C)
-        B, Q = prompt.shape[:2]
+        embeds, mask = self.lm_inputs(pixel_values, batch["input_ids"], batch["attention_mask"])  # (B, Q + T, C)
         if self.is_t5:  # prefix LM: [queries; prefix </s>] -> suffix </s>
-            embeds = torch.cat([prompt, self.lm.embed(batch["input_ids"]).to(prompt.dtype)], dim=1)
-            mask = torch.cat([batch["attention_mask"].new_ones(B, Q), batch["attention_mask"]], dim=1)
-            enc = self.lm.encode(inputs_embeds=embeds, attention_mask=mask)
             labels = batch["labels"]
-            dec_in = torch.cat([labels.new_full((B, 1), self.cfg.lm.decoder_start_id), labels[:, :-1]], dim=1)
+            dec_in = F.pad(labels[:, :-1], (1, 0), value=self.cfg.lm.decoder_start_id)  # shifted right
             targets = labels != -100  # the vocabulary projection only where there is a target
+            enc = self.lm.encode(inputs_embeds=embeds, attention_mask=mask)
             logits, _ = self.lm.decode(dec_in.masked_fill(dec_in == -100, self.cfg.lm.pad_id), enc, mask, keep=targets)
-            return dict(loss=F.cross_entropy(logits.float(), labels[targets]))
-        embeds = torch.cat([prompt, self.lm.embed(batch["input_ids"]).to(prompt.dtype)], dim=1)   # (B, Q + T, C)
-        mask = torch.cat([batch["attention_mask"].new_ones(B, Q), batch["attention_mask"]], dim=1)
-        labels = batch["labels"][:, Q:]                                                # (B, T); the queries are -100
-        targets = labels != -100  # position Q - 1 + t predicts token t: project those with a target only
-        logits, _ = self.lm(inputs_embeds=embeds, attention_mask=mask, keep=F.pad(targets, (Q - 1, 1)))  # (N, V)
+        else:
+            Q = self.query_tokens.size(1)
+            labels = batch["labels"][:, Q:]                                            # (B, T); the queries are -100
+            targets = labels != -100  # position Q - 1 + t predicts token t: project those with a target only
+            logits, _ = self.lm(inputs_embeds=embeds, attention_mask=mask, keep=F.pad(targets, (Q - 1, 1)))  # (N, V)
         return dict(loss=F.cross_entropy(logits.float(), labels[targets]))
 
     @torch.no_grad()
-    def generate(self, pixel_values, input_ids=None, attention_mask=None, *, max_new_tokens=30, min_new_tokens=0,
-                 num_beams=1, length_penalty=1.0, repetition_penalty=1.0, do_sample=False, temperature=1.0,
-                 top_p=1.0, generator=None, use_cache=True):
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, *, num_beams=1, use_cache=True, **search):
         """pixel_values (B, 3, S, S); input_ids (B, T): BOS + prompt for OPT (left-padded), prompt + </s> for T5.
-        Returns the new token ids (B, T_new), padded with the pad id. use_cache=False recomputes every step from
-        scratch: slow, but the plain definition that the cached path is tested against."""
-        if do_sample and num_beams > 1:
-            raise ValueError("sampling with beams is not implemented: use do_sample=True or num_beams > 1")
-        lm, cfg = self.lm, self.cfg.lm
-        # 1) the soft visual prompt before the text
-        prompt = self.visual_prompt(pixel_values)                                       # (B, Q, C)
-        B, Q = prompt.shape[:2]
+        search: `generate.generate`'s max_new_tokens (30), min_new_tokens, length_penalty, repetition_penalty,
+        do_sample, temperature, top_p, generator. Returns only the new token ids (B, T_new), padded with the pad id.
+        use_cache=False recomputes every step from scratch: slow, but the definition the cache is tested against."""
+        lm, cfg, B = self.lm, self.cfg.lm, pixel_values.size(0)
         if input_ids is None:
-            input_ids = torch.full((B, 1), cfg.eos_id if self.is_t5 else cfg.bos_id, device=prompt.device)
+            input_ids = torch.full((B, 1), cfg.eos_id if self.is_t5 else cfg.bos_id, device=pixel_values.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = torch.cat([prompt, lm.embed(input_ids).to(prompt.dtype)], dim=1)     # (B, Q + T, C)
-        mask = torch.cat([attention_mask.new_ones(B, Q), attention_mask], dim=1)       # (B, Q + T)
+        # 1) the soft visual prompt before the text
+        embeds, mask = self.lm_inputs(pixel_values, input_ids, attention_mask)         # (B, Q + T, C), (B, Q + T)
         if not self.is_t5:  # left padding goes before the queries, which is where HF puts it
             order = torch.argsort(mask, dim=1, stable=True)
             embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
@@ -117,11 +108,9 @@ class Blip2(Querying):
         # 3) expand the cache for the beams: rows batch-major, then beams
         logits, cache = logits.repeat_interleave(num_beams, dim=0), cache.expand(num_beams)
         # 4) search; the repetition penalty sees the prompt's ids (T5: the decoder's start token)
-        history = torch.full((B, 1), cfg.decoder_start_id, device=prompt.device) if self.is_t5 else input_ids
+        history = torch.full((B, 1), cfg.decoder_start_id, device=mask.device) if self.is_t5 else input_ids
         return generate(lm.step if use_cache else partial(replay, lm), logits, cache, history, eos_id=self.end_id,
-                        pad_id=cfg.pad_id, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                        num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
-                        do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+                        pad_id=cfg.pad_id, num_beams=num_beams, **search)
 
     # --- the paper's two zero-shot uses ---------------------------------------------------------------------
 
@@ -160,8 +149,7 @@ class Blip2(Querying):
 
     @classmethod
     def _from_checkpoint(cls, folder, d, device="cpu", dtype=None):
-        """Our folder: the trained tensors from model.safetensors; the frozen ViT and LLM from the sources named in
-        config.json."""
+        """Our folder: the trained tensors from model.safetensors, the frozen ViT and LLM from config.json's sources."""
         check_frozen(folder, d)
         cfg = Blip2Config.from_dict(d["model"])
         if isinstance(cfg.lm, t5m.T5Config) and dtype == torch.float16:
@@ -186,9 +174,9 @@ class Blip2(Querying):
 
     @classmethod
     def from_stage1(cls, stage1, lm_src, device="cpu", dtype=None):
-        """Stage 2's starting point (LAVIS pretrain_stage2.yaml): the ViT, ln_vision, query tokens and Q-Former of a
-        stage-1 model (our checkpoint folder, or a Blip2Stage1) without the text branch, a new language_projection,
-        and a frozen OPT or T5 from an HF folder or Hub id."""
+        """Stage 2's start (LAVIS pretrain_stage2.yaml): the ViT, ln_vision, queries and Q-Former (no text branch)
+        of a stage-1 model (our folder or a Blip2Stage1), a new language_projection, a frozen OPT or T5 (HF folder or
+        Hub id)."""
         s1 = stage1 if isinstance(stage1, Blip2Stage1) else Blip2Stage1.from_pretrained(stage1, device=device)
         lm_src = resolve(lm_src)
         d = read_config(lm_src)
@@ -213,22 +201,18 @@ class Blip2(Querying):
 
     @staticmethod
     def hf_keys(cfg, keys=None):
-        """`load_weights` arguments for an HF Blip2ForConditionalGeneration folder: Querying's, the projection's, and
-        the LLM's under language_model. keys: the file's key names, which tell a T5 head saved untied from one saved
-        once."""
+        """`load_weights` arguments for an HF Blip2ForConditionalGeneration folder: Querying's, the projection's and
+        the LLM's under language_model. keys: the file's key names (is a T5 head saved apart from `shared`?)."""
         mapping = Querying.hf_keys(cfg)
         mapping["table"] |= {f"language_projection.{p}": f"language_projection.{p}" for p in ("weight", "bias")}
-        if isinstance(cfg.lm, t5m.T5Config):
-            lm = t5m.hf_keys(cfg.lm, head_saved=keys is None or "language_model.lm_head.weight" in keys)
-        else:
-            lm = op.hf_keys(cfg.lm)
+        head_saved = keys is None or "language_model.lm_head.weight" in keys
+        lm = t5m.hf_keys(cfg.lm, head_saved) if isinstance(cfg.lm, t5m.T5Config) else op.hf_keys(cfg.lm)
         lm = prefixed(lm, "lm.", "language_model.")
         return lm | dict(table=mapping["table"] | lm["table"])
 
     @classmethod
     def from_pretrained(cls, src, device="cpu", dtype=None, image_size=None):
-        """From an HF BLIP-2 folder (Blip2ForConditionalGeneration, original or 2024 layout), a Hub id, or one of our
-        own stage-2 checkpoints."""
+        """From an HF Blip2ForConditionalGeneration folder (original or 2024 layout), a Hub id or our stage-2 folder."""
         folder = resolve(src)
         d = read_config(folder)
         if d.get("nanoblip2") == "stage2":

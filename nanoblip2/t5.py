@@ -5,27 +5,19 @@ file (lavis/models/blip2_models/modeling_t5.py) and builds it in blip2_t5.py.
 
 Notable details
 - No 1/sqrt(d) scaling of the attention scores: T5 folds it into the initialisation of q.
-- No position embeddings. A learned bias per head and per bucket of (key - query) distance is added to the
-  self-attention scores. Only the first block of each stack owns the table (`rel_bias` here), and every block
-  reuses the same bias. Encoder buckets are bidirectional; decoder buckets see only the past. Buckets are exact
-  for short distances and logarithmic up to `max_distance`. Cross-attention has no position bias. With a KV
-  cache, the new queries sit at absolute positions past..past+T-1 and their bias rows are computed there.
-- RMS LayerNorm: no mean subtraction and no bias, with the variance computed in fp32 as HF does. The blocks are
-  pre-norm and no Linear has a bias. There is no dropout: in BLIP-2 the LLM is frozen and always in eval mode.
-- FFN: original T5 uses relu(wi x); T5 v1.1/FlanT5 use the gated form act(wi_0 x) * wi_1 x. In HF,
-  feed_forward_proj "gated-gelu" means gelu_new (tanh) unless `dense_act_fn` overrides it. The google/flan-t5-*
-  configs say gelu_new. BLIP-2 sets dense_act_fn="gelu" (exact erf) for FlanT5, in LAVIS blip2_t5.py and in the
-  HF conversion, and its presets below follow that. `from_hf` reads whatever the folder says.
-- Head: original T5 ties the LM head to the shared embedding and scales the decoder output by d_model**-0.5
-  first. T5 v1.1/FlanT5 have their own `lm_head` and no scaling. transformers 5 writes tie_word_embeddings=true
-  into every T5 config.json and keeps the old meaning in `scale_decoder_outputs`, which `from_hf` prefers.
-  transformers 5 also builds every T5 with a tied head. A freshly built "untied" model is therefore saved
-  without `lm_head.weight`, and the head is then read from `shared.weight` (see `hf_keys`).
-- Never run FlanT5 in fp16: activations overflow in the FFN output projection `wo`. LAVIS runs T5 in bf16,
-  and HF keeps `wo` in fp32. The caller picks the dtype. As in HF, the input to `wo` is cast to wo's dtype,
-  so `wo` may be kept in fp32 while the rest runs in bf16.
-- Decoding starts from decoder_start_id = pad = 0. eos is 1. The encoder input of BLIP-2 is
-  cat(projected queries, embed(text ids)), which is why `encode` takes `inputs_embeds`.
+- No position embeddings: a learned per-head bias for each bucket of (key - query) distance, bidirectional in the
+  encoder, past-only in the decoder, none in cross-attention. Each stack's first block owns the table (`rel_bias`
+  here) and every block adds it. With a KV cache the new queries sit at positions past..past+T-1.
+- RMS LayerNorm: no mean subtraction, no bias, variance in fp32 (as HF). Pre-norm blocks, no Linear bias, no dropout.
+- FFN: original T5 relu(wi x); T5 v1.1/FlanT5 act(wi_0 x) * wi_1 x. HF's "gated-gelu" is gelu_new (tanh) unless
+  `dense_act_fn` says otherwise; BLIP-2 sets "gelu" (exact), as the presets do; `from_hf` reads the folder's.
+- Head: original T5 ties it to `shared` and scales the decoder output by d_model**-0.5; v1.1/FlanT5 have their own
+  `lm_head`, unscaled. transformers 5 writes tie_word_embeddings=true into every config.json (the old meaning is in
+  `scale_decoder_outputs`, which `from_hf` prefers); it ties every head it builds, so an "untied" model it saved has
+  no `lm_head.weight` and `hf_keys` reads the head from `shared.weight`.
+- Never in fp16: the FFN's output projection `wo` overflows (docs/reference.md); as in HF, its input is cast to its
+  dtype, so `wo` may stay in fp32.
+- Decoding starts from decoder_start_id = pad = 0; eos is 1. `encode` takes `inputs_embeds`: [queries; text].
 - Generation: `prefill` runs the encoder and the decoder's start token, `step` one token per row. The `Cache`
   (generate.py) holds per decoder layer (self k, self v, cross k, cross v), and the encoder's mask.
 """
@@ -42,11 +34,12 @@ from .load import build_empty, load_weights, prefixed, read_config, safetensors_
 
 ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_new": lambda: nn.GELU("tanh"), "silu": nn.SiLU}
 
-# HF T5Config defaults: config.json omits keys equal to these
-HF_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=None,
-                   num_heads=8, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                   layer_norm_epsilon=1e-6, feed_forward_proj="relu", tie_word_embeddings=True,
-                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=None)
+# our field: (HF T5Config's name, its default, which config.json leaves out)
+HF = dict(vocab_size=("vocab_size", 32128), d_model=("d_model", 512), d_kv=("d_kv", 64), d_ff=("d_ff", 2048),
+          heads=("num_heads", 8), enc_depth=("num_layers", 6), dec_depth=("num_decoder_layers", None),
+          num_buckets=("relative_attention_num_buckets", 32), max_distance=("relative_attention_max_distance", 128),
+          eps=("layer_norm_epsilon", 1e-6), tie_word_embeddings=("tie_word_embeddings", True),
+          pad_id=("pad_token_id", 0), eos_id=("eos_token_id", 1), decoder_start_id=("decoder_start_token_id", None))
 
 
 @dataclass
@@ -75,31 +68,20 @@ class T5Config:
             d = d.get("text_config") or {}  # HF's default text_config is OPT
         if d.get("model_type") != "t5":
             raise ValueError(f"model_type {d.get('model_type')!r} is not T5")
-        hf = HF_DEFAULTS | d
-        ffp = hf["feed_forward_proj"]
-        act = hf.get("dense_act_fn") or ("gelu_new" if ffp == "gated-gelu" else ffp.split("-")[-1])
-        eos = hf["eos_token_id"]
-        start = hf["decoder_start_token_id"]
-        return cls(vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
-                   heads=hf["num_heads"], enc_depth=hf["num_layers"],
-                   dec_depth=hf["num_decoder_layers"] or hf["num_layers"],
-                   num_buckets=hf["relative_attention_num_buckets"], max_distance=hf["relative_attention_max_distance"],
-                   eps=hf["layer_norm_epsilon"], act=act, gated=ffp.startswith("gated-"),
-                   tie_word_embeddings=hf.get("scale_decoder_outputs", hf["tie_word_embeddings"]),
-                   pad_id=hf["pad_token_id"], eos_id=eos if isinstance(eos, int) else eos[0],
-                   decoder_start_id=hf["pad_token_id"] if start is None else start)
+        kw = {ours: d.get(name, default) for ours, (name, default) in HF.items()}
+        ffp, eos, start = d.get("feed_forward_proj", "relu"), kw["eos_id"], kw["decoder_start_id"]
+        act = d.get("dense_act_fn") or ("gelu_new" if ffp == "gated-gelu" else ffp.split("-")[-1])
+        return cls(**kw | dict(dec_depth=kw["dec_depth"] or kw["enc_depth"], act=act, gated=ffp.startswith("gated-"),
+                               tie_word_embeddings=d.get("scale_decoder_outputs", kw["tie_word_embeddings"]),
+                               eos_id=eos if isinstance(eos, int) else eos[0],
+                               decoder_start_id=kw["pad_id"] if start is None else start))
 
     def to_hf(self):
-        """The inverse of `from_hf`: a T5ForConditionalGeneration config.json. transformers 5 reads the scaling of
-        the decoder output from `scale_decoder_outputs`, older versions from `tie_word_embeddings`."""
-        return dict(architectures=["T5ForConditionalGeneration"], model_type="t5", vocab_size=self.vocab_size,
-                    d_model=self.d_model, d_kv=self.d_kv, d_ff=self.d_ff, num_layers=self.enc_depth,
-                    num_decoder_layers=self.dec_depth, num_heads=self.heads,
-                    relative_attention_num_buckets=self.num_buckets, relative_attention_max_distance=self.max_distance,
-                    layer_norm_epsilon=self.eps, feed_forward_proj=("gated-" if self.gated else "") + self.act,
-                    dense_act_fn=self.act, is_gated_act=self.gated, tie_word_embeddings=self.tie_word_embeddings,
-                    scale_decoder_outputs=self.tie_word_embeddings, is_encoder_decoder=True, pad_token_id=self.pad_id,
-                    eos_token_id=self.eos_id, decoder_start_token_id=self.decoder_start_id)
+        """The inverse of `from_hf`: a T5ForConditionalGeneration config.json, the head's scaling spelled both ways."""
+        return dict(architectures=["T5ForConditionalGeneration"], model_type="t5", is_encoder_decoder=True,
+                    feed_forward_proj=("gated-" if self.gated else "") + self.act, dense_act_fn=self.act,
+                    is_gated_act=self.gated, scale_decoder_outputs=self.tie_word_embeddings,
+                    **{name: getattr(self, ours) for ours, (name, _) in HF.items()})
 
 
 PRESETS = {  # the FlanT5 LLMs of BLIP-2, with BLIP-2's exact GELU
@@ -235,9 +217,8 @@ class T5(nn.Module):
         return self.encoder.norm(x)
 
     def decode(self, input_ids, encoder_hidden, encoder_mask, cache=None, keep=None):
-        """(B, T) ids after those in `cache` -> (logits (B, T, V), cache). The cache holds one
-        (self_k, self_v, cross_k, cross_v) per decoder layer, each (B, H, S, d_kv). keep: a bool (B, T) mask of the
-        positions to project onto the vocabulary (training: those with a target), -> logits (N, V)."""
+        """(B, T) ids after those in `cache` (per layer: self k, self v, cross k, cross v) -> logits (B, T, V), cache.
+        keep: a bool (B, T) mask of the positions to project (training: those with a target) -> logits (N, V)."""
         x = self.shared(input_ids)
         T = x.size(1)
         past = 0 if cache is None else cache[0][0].size(2)
@@ -256,8 +237,7 @@ class T5(nn.Module):
         return self.lm_head(x), new_cache
 
     def prefill(self, inputs_embeds, attention_mask, tokens=None):
-        """The encoder over the prompt (B, S, C), the decoder over the start token and `tokens` (B, t) if given
-        -> the last position's logits (B, V), Cache."""
+        """Encoder over the prompt (B, S, C), decoder over the start token [+ `tokens` (B, t)] -> (B, V), Cache."""
         enc = self.encode(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         dec = torch.full((enc.size(0), 1), self.cfg.decoder_start_id, device=enc.device)
         logits, layers = self.decode(dec if tokens is None else torch.cat([dec, tokens], dim=1), enc, attention_mask)
@@ -284,28 +264,23 @@ class T5(nn.Module):
 
 def hf_keys(cfg, head_saved=True):
     """`load_weights` arguments for a T5ForConditionalGeneration folder; `prefixed(..., hf="language_model.")`: a
-    BLIP-2 one. head_saved=False: the file has no lm_head.weight, and an untied head is read from shared.weight
-    (transformers 5 saves its always-tied head once, see the docstring)."""
+    BLIP-2 one. head_saved=False: no lm_head.weight in the file, the head is read from shared.weight (docstring)."""
     E, D = "encoder.block.{i}.layer.", "decoder.block.{i}.layer."  # the decoder's layer 1 is the cross-attention
-    R = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-    table = {
-        "shared.weight": "shared.weight", "lm_head.weight": "lm_head.weight" if head_saved else "shared.weight",
-        "encoder.rel_bias.weight": "encoder." + R, "decoder.rel_bias.weight": "decoder." + R,
-        "encoder.norm.weight": "encoder.final_layer_norm.weight",
-        "decoder.norm.weight": "decoder.final_layer_norm.weight",
-        "encoder.blocks.{i}.ln1.weight": E + "0.layer_norm.weight",
-        "encoder.blocks.{i}.ln2.weight": E + "1.layer_norm.weight",
-        "decoder.blocks.{i}.ln1.weight": D + "0.layer_norm.weight",
-        "decoder.blocks.{i}.ln_cross.weight": D + "1.layer_norm.weight",
-        "decoder.blocks.{i}.ln2.weight": D + "2.layer_norm.weight",
-    }
+    R = "block.0.layer.0.SelfAttention.relative_attention_bias"
+    names = {"shared": "shared", "lm_head": "lm_head" if head_saved else "shared",
+             "encoder.rel_bias": "encoder." + R, "decoder.rel_bias": "decoder." + R,
+             "encoder.norm": "encoder.final_layer_norm", "decoder.norm": "decoder.final_layer_norm",
+             "encoder.blocks.{i}.ln1": E + "0.layer_norm", "encoder.blocks.{i}.ln2": E + "1.layer_norm",
+             "decoder.blocks.{i}.ln1": D + "0.layer_norm", "decoder.blocks.{i}.ln_cross": D + "1.layer_norm",
+             "decoder.blocks.{i}.ln2": D + "2.layer_norm"}
     for n in "qkvo":
-        table |= {f"encoder.blocks.{{i}}.attn.{n}.weight": E + f"0.SelfAttention.{n}.weight",
-                  f"decoder.blocks.{{i}}.attn.{n}.weight": D + f"0.SelfAttention.{n}.weight",
-                  f"decoder.blocks.{{i}}.cross.{n}.weight": D + f"1.EncDecAttention.{n}.weight"}
+        names |= {f"encoder.blocks.{{i}}.attn.{n}": E + f"0.SelfAttention.{n}",
+                  f"decoder.blocks.{{i}}.attn.{n}": D + f"0.SelfAttention.{n}",
+                  f"decoder.blocks.{{i}}.cross.{n}": D + f"1.EncDecAttention.{n}"}
     for n in ("wi", "wi_0", "wi_1", "wo"):  # relu: wi; gated: wi_0, wi_1
-        table |= {f"encoder.blocks.{{i}}.ffn.{n}.weight": E + f"1.DenseReluDense.{n}.weight",
-                  f"decoder.blocks.{{i}}.ffn.{n}.weight": D + f"2.DenseReluDense.{n}.weight"}
+        names |= {f"encoder.blocks.{{i}}.ffn.{n}": E + f"1.DenseReluDense.{n}",
+                  f"decoder.blocks.{{i}}.ffn.{n}": D + f"2.DenseReluDense.{n}"}
+    table = {f"{ours}.weight": f"{hf}.weight" for ours, hf in names.items()}  # T5 has weights only
     # older files repeat `shared` as embed_tokens (and as lm_head when tied); some carry an unused cross-attention bias
     ignore = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
               "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"]
