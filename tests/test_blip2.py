@@ -16,10 +16,13 @@ def pair(request, blip2_opt, blip2_t5):
 
 
 def hf_ids(hf, ids, mask):
-    """transformers 5 wants Q image placeholder tokens before the text; left padding goes in front of them."""
+    """transformers 5 wants Q image placeholder tokens before the text; OPT's left padding goes in front of them,
+    T5's right padding stays at the end (as ours: the same layout, so the same sums)."""
     B = ids.size(0)
     img = torch.full((B, Q), hf.config.image_token_index)
     full, full_mask = torch.cat([img, ids], 1), torch.cat([torch.ones(B, Q, dtype=torch.long), mask], 1)
+    if hf.config.is_encoder_decoder:
+        return full, full_mask
     order = torch.argsort(full_mask, dim=1, stable=True)
     return full.gather(1, order), full_mask.gather(1, order)
 
