@@ -224,17 +224,15 @@ class QFormer(nn.Module):
 def hf_keys(cfg):
     """`load_weights` arguments for the Q-Former of a BLIP-2 folder: HF Blip2QFormerModel under qformer., and the
     text embeddings of a Blip2ForImageTextRetrieval at the top level. Each entry of `both` is a .weight and a .bias."""
-    L = "qformer.encoder.layer.{i}."
+    L, X = "qformer.encoder.layer.{i}.", "qformer.encoder.layer.{i}.crossattention."
     both = {
         "ln_embed": "qformer.layernorm",
         "layers.{i}.attn.query": L + "attention.attention.query", "layers.{i}.attn.key": L + "attention.attention.key",
         "layers.{i}.attn.value": L + "attention.attention.value", "layers.{i}.attn.dense": L + "attention.output.dense",
         "layers.{i}.attn.ln": L + "attention.output.LayerNorm",
-        "layers.{i}.cross.query": L + "crossattention.attention.query",
-        "layers.{i}.cross.key": L + "crossattention.attention.key",
-        "layers.{i}.cross.value": L + "crossattention.attention.value",
-        "layers.{i}.cross.dense": L + "crossattention.output.dense",
-        "layers.{i}.cross.ln": L + "crossattention.output.LayerNorm",
+        "layers.{i}.cross.query": X + "attention.query", "layers.{i}.cross.key": X + "attention.key",
+        "layers.{i}.cross.value": X + "attention.value", "layers.{i}.cross.dense": X + "output.dense",
+        "layers.{i}.cross.ln": X + "output.LayerNorm",
         "layers.{i}.ffn_query.fc1": L + "intermediate_query.dense",
         "layers.{i}.ffn_query.fc2": L + "output_query.dense", "layers.{i}.ffn_query.ln": L + "output_query.LayerNorm",
         "layers.{i}.ffn_text.fc1": L + "intermediate.dense", "layers.{i}.ffn_text.fc2": L + "output.dense",

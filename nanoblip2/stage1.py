@@ -230,11 +230,10 @@ class Blip2Stage1(Querying):
     def _from_checkpoint(cls, folder, d, device="cpu", dtype=None):
         """Our folder: the trainable tensors from model.safetensors, a frozen ViT from the source config.json names."""
         check_frozen(folder, d)
-        cfg = Stage1Config.from_dict(d["model"])
-        model = build_empty(cls, cfg, device, dtype)
+        model = build_empty(cls, Stage1Config.from_dict(d["model"]), device, dtype)
         vit_src = d.get("frozen", {}).get("vit")
         if vit_src:
-            load_weights(model.vit, resolve(vit_src), **vt.hf_keys(cfg.vit))
+            load_weights(model.vit, resolve(vit_src), **vt.hf_keys(model.cfg.vit))
         table = {k: k for k in model.state_dict() if not (vit_src and k.startswith("vit."))}
         load_weights(model, folder, table, fresh=["vit.*"] if vit_src else [])
         return model.eval()
@@ -252,9 +251,8 @@ class Blip2Stage1(Querying):
         model = build_empty(cls, Stage1Config(vit=vcfg, qformer=qcfg, dec_id=qcfg.vocab_size - 1), device)
         load_weights(model.vit, vit_src, **vt.hf_keys(vcfg))
         # everything but the ViT starts fresh; then BERT overwrites what it provides
-        for m in (model.qformer, model.vision_proj, model.text_proj, model.itm_head):
-            m.apply(qf.QFormer._init_weights)
-        model.ln_vision.reset_parameters()
+        for m in (model.qformer, model.vision_proj, model.text_proj, model.itm_head, model.ln_vision):
+            m.apply(qf.QFormer._init_weights)  # BERT's, and ones/zeros for LayerNorms
         with torch.no_grad():
             model.query_tokens.normal_(std=0.02)
             model.temp.fill_(0.07)
