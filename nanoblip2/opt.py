@@ -140,9 +140,8 @@ class OPT(nn.Module):
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, keep=0):
-        """-> logits (B, T, V), the (k, v) of every layer. attention_mask (B, S) covers the cached and new positions.
-        keep: project only the last `keep` positions (B, keep, V) (HF's logits_to_keep), or those of a bool (B, T)
-        mask -> (N, V); the head is a third of a small OPT's work, and training needs only the targets."""
+        """-> logits (B, T, V), each layer's (k, v). attention_mask (B, S) covers the cached and new positions. keep:
+        the head (a third of a small OPT's work) on the last `keep` -> (B, keep, V), or a bool (B, T) mask -> (N, V)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
         B, T = x.shape[:2]
         past = 0 if cache is None else cache[0][0].size(2)
