@@ -9,6 +9,7 @@ Notable details
 - Downloads: urllib from $HF_ENDPOINT/{repo}/resolve/{revision}/{file}, never *.bin. The commit is config.json's
   X-Repo-Commit header (a small git file is answered directly, not redirected to the CDN). An optional file that
   answers 404 is absent. A file already in the snapshot was complete when renamed there and is not fetched again.
+- HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1), as in huggingface_hub: the cache only, never the network.
 - Each file streams into <file>.<pid>.incomplete (concurrent ranks do not collide), renamed once it has the
   announced Content-Length: an interrupted download never leaves a truncated file.
 """
@@ -28,6 +29,9 @@ from .load import CheckpointError, reading, safetensors_files
 OPTIONAL_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "generation_config.json",
                   "preprocessor_config.json", "processor_config.json"]
+
+
+TRUE = ("1", "true", "yes", "on")
 
 
 class HubError(OSError):
@@ -73,6 +77,10 @@ def resolve(src, revision="main"):
     with contextlib.suppress(CheckpointError):  # no weights, a missing shard, an unreadable index
         if os.path.isfile(os.path.join(snapshot, "config.json")) and safetensors_files(snapshot):
             return snapshot
+    offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v, "").lower() in TRUE]
+    if offline:
+        raise HubError(f"{src}: no complete copy in the HF cache at {repo_dir}, and {offline[0]} is set: no "
+                       "downloads. Pass a local folder")
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     base = f"{endpoint}/{src}/resolve/{urllib.parse.quote(revision, safe='')}/"

@@ -107,6 +107,19 @@ def test_cache_hit_makes_no_request(hub, tmp_path):
     assert len(hub.log) == n
 
 
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_offline_uses_the_cache_and_never_the_network(hub, tmp_path, monkeypatch, var):
+    serve(hub, repo_files(tmp_path, sharded=False))
+    snap = resolve("org/name")  # online: downloaded into the cache
+    n = len(hub.log)
+    monkeypatch.setenv(var, "1")
+    assert resolve("org/name") == snap  # offline: the cached copy
+    serve(hub, repo_files(tmp_path, sharded=False), repo="org/other")
+    with pytest.raises(HubError, match=f"org/other: no complete copy in the HF cache .*, and {var} is set"):
+        resolve("org/other")  # served, but offline means no request at all
+    assert len(hub.log) == n
+
+
 def test_huggingface_hub_blob_symlinks_are_used(hub, tmp_path):
     """huggingface_hub writes blobs/<sha> and relative symlinks to them in snapshots/<commit>/."""
     files = repo_files(tmp_path)
