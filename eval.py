@@ -6,12 +6,12 @@ or zero-shot VQA (§4.1). The model loads as in sample.py (--init_from, --device
     python eval.py --vqa_ann=vqav2_val.jsonl --image_root=data/vqav2/images --max_samples=1000
 
 - --caption_ann: {"image", "caption": str | [str]} per entry. Each image is captioned (beam 5, at most 30 new tokens,
-  after --prompt) and scored with COCO's BLEU-1..4 and CIDEr-D against all of its captions, x100 as the paper
-  reports them; in the shapes world also by how much of what the captions say is true (attribute accuracy).
+  after --prompt), scored with BLEU-1..4 and CIDEr-D x100 as the paper reports them, and in the shapes world by
+  how much of what the captions say is true (attribute accuracy).
 - --vqa_ann: {"image", "question", "answers": [str, ...]} per entry. Answered with the paper's prompt (beam 5, length
-  penalty -1, at most 10 new tokens) and scored with the VQAv2 accuracy, also per question "type" where there is one.
-Image paths are relative to --image_root; --max_samples evaluates the first ones only. Unreadable images are skipped
-and counted. --out_file writes the captions or answers as a JSON list. The details: nanoblip2/evaluation.py.
+  penalty -1, at most 10 new tokens), scored with the VQAv2 accuracy, also per question "type" where there is one.
+Image paths are relative to --image_root; --max_samples evaluates the first ones only; unreadable images are
+skipped and counted; --out_file writes the captions or answers as a JSON list. The details: nanoblip2/evaluation.py.
 """
 import json
 import os
@@ -35,8 +35,7 @@ class EvalConfig:
     batch_size: int = 16                     # images per generate call
     out_file: str = ""                       # write the captions or answers here (JSON list)
     prompt: str = ""                         # caption prompt, e.g. "a photo of"
-    init_from: str = ""                      # as sample.py: "" = the quick start's out/stage2/ckpt if it exists,
-                                             # else Salesforce/blip2-opt-2.7b
+    init_from: str = ""                      # as sample.py's: "" = out/stage2/ckpt, else Salesforce/blip2-opt-2.7b
     num_beams: int = 5
     max_new_tokens: int = 30                 # captions; answers use at most 10 (the paper's setting)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"

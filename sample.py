@@ -62,30 +62,18 @@ def load_model(cfg):
     return model
 
 
-def image_paths(path):
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
-        if not files:
-            raise ImageError(f"{path}: no images in this folder ({', '.join(IMAGE_EXTS)})")
-        return files
-    return [path]
-
-
 def cross_attention(model, pixels):
     """(B, 3, S, S) -> each query's attention over the image tokens (B, Q, N), [CLS] first, averaged over heads and
     cross-attention layers. The model's fused attention does not return its weights: forward hooks recompute them."""
     maps = []
 
-    def hook(m, args, kwargs, out):  # Layer calls cross(q, context=image), never with a mask
-        x, image = args[0], kwargs["context"]                                           # (B, Q, C), (B, N, Cv)
-        assert kwargs.get("mask") is None
+    def hook(m, args, out):  # Layer calls cross(q, context=image), never with a mask; it returns (y, (k, v))
+        x, k = args[0], out[1][0].float()                                              # (B, Q, C), (B, H, N, C/H)
         B, Q, C = x.shape
-        split = lambda t: t.view(B, -1, m.heads, C // m.heads).transpose(1, 2).float()  # (B, H, T, C/H)
-        q, k = split(m.query(x)), split(m.key(image))
+        q = m.query(x).view(B, Q, m.heads, C // m.heads).transpose(1, 2).float()       # (B, H, Q, C/H)
         maps.append(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // m.heads), dim=-1).mean(1))  # (B, Q, N)
 
-    hooks = [layer.cross.register_forward_hook(hook, with_kwargs=True)
-             for layer in model.qformer.layers if layer.cross is not None]
+    hooks = [layer.cross.register_forward_hook(hook) for layer in model.qformer.layers if layer.cross is not None]
     try:
         with torch.no_grad():
             model.queries(model.image_embeds(pixels.to(model.query_tokens.device, model.query_tokens.dtype)))
@@ -118,23 +106,6 @@ def attention_picture(image, weights, grid, size=160, cols=8, margin=4):
     return out
 
 
-def sample(model, paths, cfg):
-    size = model.cfg.vit.image_size
-    for path in paths:
-        pixels = load_image(path, size)[None]
-        if cfg.question:
-            text = model.answer(pixels, [cfg.question], num_beams=cfg.num_beams)[0]
-            print(f"{path}: Q: {cfg.question} A: {text}")
-        else:
-            text = model.caption(pixels, cfg.prompt, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)[0]
-            print(f"{path}: {(cfg.prompt + ' ' + text).strip()}")
-        if cfg.attention:
-            weights = cross_attention(model, pixels)[0, :, 1:]  # (Q, N - 1): [CLS] dropped, the patches remain
-            vit = model.cfg.vit
-            attention_picture(path, weights, vit.image_size // vit.patch_size).save(cfg.attention, format="PNG")
-            print(f"wrote {cfg.attention} ({weights.size(0)} query panels)")
-
-
 def main(cfg):
     if cfg.caption_ann or cfg.vqa_ann:
         flag = "caption_ann" if cfg.caption_ann else "vqa_ann"
@@ -146,8 +117,25 @@ def main(cfg):
         raise SystemExit(f"error: {cfg.attention}: its folder does not exist")
     if not cfg.image:
         raise SystemExit("error: give --image=<file or folder>; see -h")
-    paths = image_paths(cfg.image)
-    sample(load_model(cfg), paths, cfg)
+    paths = [cfg.image]
+    if os.path.isdir(cfg.image):
+        paths = sorted(os.path.join(cfg.image, f) for f in os.listdir(cfg.image) if f.lower().endswith(IMAGE_EXTS))
+        if not paths:
+            raise ImageError(f"{cfg.image}: no images in this folder ({', '.join(IMAGE_EXTS)})")
+    model = load_model(cfg)
+    vit = model.cfg.vit
+    for path in paths:
+        pixels = load_image(path, vit.image_size)[None]
+        if cfg.question:
+            text = model.answer(pixels, [cfg.question], num_beams=cfg.num_beams)[0]
+            print(f"{path}: Q: {cfg.question} A: {text}")
+        else:
+            text = model.caption(pixels, cfg.prompt, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)[0]
+            print(f"{path}: {(cfg.prompt + ' ' + text).strip()}")
+        if cfg.attention:
+            weights = cross_attention(model, pixels)[0, :, 1:]  # (Q, N - 1): [CLS] dropped, the patches remain
+            attention_picture(path, weights, vit.image_size // vit.patch_size).save(cfg.attention, format="PNG")
+            print(f"wrote {cfg.attention} ({weights.size(0)} query panels)")
 
 
 if __name__ == "__main__":

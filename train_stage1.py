@@ -6,10 +6,9 @@ Stage 1 of BLIP-2 (paper §3.2): train the Q-Former against a frozen image encod
     torchrun --standalone --nproc_per_node=8 train_stage1.py config/stage1_coco_vitg.json
     python train_stage1.py --init_from=resume                 # continue a run (same out_dir)
 
-The defaults are the quick start's, ~10 minutes on 2 CPU cores; the config file holds the paper's settings (AdamW
-0.9/0.98, weight decay 0.05, peak lr 1e-4 after a linear warm-up, cosine to 1e-5, 224 px, 32 queries, augmentation).
-One log line per log_interval steps; retrieval R@K on val_ann and a checkpoint every eval_interval steps, and on
-test_ann at the end. -h lists every option.
+The defaults are the quick start's, ~10 minutes on 2 CPU cores; the config file holds the paper's settings. One log
+line per log_interval steps; retrieval R@K on val_ann and a checkpoint every eval_interval steps, on test_ann at the
+end. -h lists every option.
 """
 import os
 import time
@@ -20,7 +19,6 @@ import torch.distributed as dist
 
 from nanoblip2.stage1 import Blip2Stage1
 from nanoblip2.cli import parse_args, run
-from nanoblip2.data import CaptionDataset, eval_transform, train_transform
 from nanoblip2.checkpoint import checkpoint_folder, fingerprint
 from nanoblip2.evaluation import retrieval
 from nanoblip2.hub import resolve
@@ -32,8 +30,7 @@ from nanoblip2.training import (NegativePool, Stream, adamw, evaluations, freeze
 
 @dataclass
 class TrainConfig:
-    # data: annotation files of {"image": relative path, "caption": str | [str]}; the defaults are the quick start
-    # (data/shapes/prepare.py), config/stage1_coco_vitg.json the paper's run (data/coco/prepare.py)
+    # data: annotation files of {"image": relative path, "caption": str | [str]} (data/<name>/prepare.py)
     train_ann: str = "data/shapes/train.json"
     val_ann: str = "data/shapes/val.json"      # retrieval every eval_interval steps; "" for none
     test_ann: str = "data/shapes/test.json"    # retrieval once, at the end; "" for none
@@ -51,7 +48,7 @@ class TrainConfig:
     num_query_tokens: int = 32
     cross_attention_freq: int = 2              # cross-attention in every k-th layer, as LAVIS
     init_from: str = "scratch"                 # scratch | resume | a nanoblip2 stage-1 folder
-    # optimisation: the quick start's, ~10 minutes on 2 CPU cores; the paper's are in config/stage1_coco_vitg.json
+    # optimisation: the quick start's; the paper's are in config/stage1_coco_vitg.json
     batch_size: int = 8                        # per process; the paper's total is 1680 (ViT-g). Here more, smaller
     grad_accum: int = 1                        # steps learn more in the same time (measured: 8 > 16 > 32 > 64)
     max_steps: int = 3200
@@ -65,7 +62,7 @@ class TrainConfig:
     beta2: float = 0.98
     grad_clip: float = 1.0                     # 0 = off
     itm_pool: int = 1024                       # ITM's hard negatives come from the batch and this rank's last N
-                                               # samples (blip2.NegativePool); 0 = the batch only, as LAVIS
+                                               # samples (training.NegativePool); 0 = the batch only, as LAVIS
     # evaluation, logging, checkpoints
     out_dir: str = "out/stage1"
     log_interval: int = 200
@@ -115,11 +112,8 @@ def main(cfg):
     if master:
         print(f"stage 1: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, ViT frozen "
               f"({cfg.device}, {world} process(es))")
-    transform = (train_transform if cfg.augment else eval_transform)(raw.cfg.vit.image_size)
-    dataset = CaptionDataset(cfg.train_ann, cfg.image_root, transform, seed=cfg.seed,
-                             captions_per_image=cfg.train_captions)
-    stream = Stream(dataset, tok, cfg, rank, world, epoch, batch_in_epoch, verbose=master)
-    image_ids = dataset.image_ids.to(cfg.device)
+    stream = Stream(cfg, raw.cfg.vit.image_size, tok, rank, world, epoch, batch_in_epoch)
+    image_ids = stream.dataset.image_ids.to(cfg.device)
     config = {"nanoblip2": "stage1", "model": asdict(raw.cfg), "frozen": {"vit": vit_source},
               "fingerprints": fingerprints, "train": asdict(cfg) | {"bert": bert}}  # the checkpoints' config.json
 
@@ -128,9 +122,7 @@ def main(cfg):
                      image_ids=image_ids[b["index"]], candidates=None if pool is None else pool.items)
 
     def evaluate(ann):  # retrieval: ITC's top k_test re-ranked by ITM; i2t and t2i R@1/5/10
-        metrics, skipped = retrieval(raw, tok, ann, cfg.image_root, cfg.eval_k_test, cfg.eval_max_images,
-                                     cfg.eval_captions)
-        return metrics, skipped, []
+        return retrieval(raw, tok, ann, cfg.image_root, cfg.eval_k_test, cfg.eval_max_images, cfg.eval_captions)
 
     # --- the loop -----------------------------------------------------------------------------------------------
     t0, seen = time.time(), 0

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from nanoblip2.stage1 import Blip2Stage1
 from nanoblip2.stage2 import Blip2
 from nanoblip2.cli import parse_args, run
-from nanoblip2.data import CaptionDataset, eval_transform, opt_batch, t5_batch, train_transform
+from nanoblip2.data import opt_batch, t5_batch
 from nanoblip2.checkpoint import checkpoint_folder, fingerprint
 from nanoblip2.evaluation import captioning
 from nanoblip2.hub import resolve
@@ -34,8 +34,7 @@ from nanoblip2.training import (Stream, adamw, evaluations, freeze, get_lr, rand
 
 @dataclass
 class TrainConfig:
-    # data: annotation files of {"image": relative path, "caption": str | [str]}; the defaults are the quick start
-    # (data/shapes/prepare.py), config/stage2_coco_*.json the paper's runs (data/coco/prepare.py)
+    # data: annotation files of {"image": relative path, "caption": str | [str]} (data/<name>/prepare.py)
     train_ann: str = "data/shapes/train.json"
     val_ann: str = "data/shapes/val.json"      # captioned every eval_interval steps; "" for none
     test_ann: str = "data/shapes/test.json"    # captioned once, at the end; "" for none
@@ -56,8 +55,7 @@ class TrainConfig:
     cross_attention_freq: int = 2              # with init_from=bert
     prompt: str = ""                           # "" for pre-training; "a photo of" for caption fine-tuning
     freeze_vit: bool = True
-    # optimisation: the quick start's, ~10 minutes on 2 CPU cores; the paper's (§3.4, LAVIS pretrain_stage2.yaml)
-    # are in config/stage2_coco_*.json
+    # optimisation: the quick start's; the paper's (§3.4, LAVIS pretrain_stage2.yaml) are in config/stage2_coco_*.json
     batch_size: int = 32                       # per process; the paper's total is 1920 (OPT) / 1520 (FlanT5)
     grad_accum: int = 1
     max_steps: int = 2000
@@ -120,10 +118,7 @@ def main(cfg):
         print(f"stage 2: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, frozen {lm} "
               f"({sum(p.numel() for p in raw.lm.parameters()) / 1e6:.1f}M), ViT {vit} "
               f"({cfg.device}, {world} process(es))")
-    transform = (train_transform if cfg.augment else eval_transform)(raw.cfg.vit.image_size)
-    dataset = CaptionDataset(cfg.train_ann, cfg.image_root, transform, seed=cfg.seed,
-                             captions_per_image=cfg.train_captions)
-    stream = Stream(dataset, None, cfg, rank, world, epoch, batch_in_epoch, verbose=master)
+    stream = Stream(cfg, raw.cfg.vit.image_size, None, rank, world, epoch, batch_in_epoch)
     config = {"nanoblip2": "stage2", "model": raw.cfg.to_dict(), "frozen": frozen, "fingerprints": fingerprints,
               "train": asdict(cfg)}  # the checkpoints' config.json
     not_saved = ("lm.", "vit.") if cfg.freeze_vit else ("lm.",)  # the frozen parts stay in their own files
@@ -139,7 +134,7 @@ def main(cfg):
     def evaluate(ann):  # captions (beam search) scored by CIDEr and BLEU, in the shapes world also how true they are
         metrics, captions, skipped = captioning(raw, ann, cfg.image_root, cfg.prompt, cfg.eval_num_beams,
                                                 cfg.eval_max_new_tokens, cfg.eval_max_images)
-        return metrics, skipped, [f"first caption: {captions[0]['caption']!r}"]
+        return metrics, skipped, f"first caption: {captions[0]['caption']!r}"
 
     # --- the loop -----------------------------------------------------------------------------------------------
     t0, seen = time.time(), 0

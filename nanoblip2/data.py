@@ -7,43 +7,34 @@ image_processing_pil_blip.py + image_transforms.py) bit for bit:
     convert to RGB -> bicubic resize to size x size -> x * (1/255) -> (x - CLIP_MEAN) / CLIP_STD
 
 Notable details:
-- The resize is a plain square resize: no centre crop, aspect ratio not kept.
-- The resize runs in PIL on uint8 RGB, so resized pixels are rounded back to integers, and PIL's bicubic
-  antialiases when shrinking. A float resize (F.interpolate) gives different numbers.
-- The rescale is done in float64 and then cast to float32, and the normalize in float32, the same ops in the
-  same dtypes as HF. That is why the result is identical, not just close.
-- Transparency (RGBA, LA, PA, P with a transparent palette entry) is composited onto white, as HF's
-  convert_to_rgb does. A plain convert("RGB") would drop alpha and show what hides under it, often black.
-- EXIF orientation is applied. HF's processor does not do this (transformers.image_utils.load_image does).
-- 16-bit greyscale (I;16*, and I, which is how Pillow opens 16-bit PGM) is scaled to 8 bits as round(x / 257).
-  Here we differ from HF on purpose: PIL's convert("RGB") clips at 255, so most of the image turns white.
-  Pillow already reduces 16-bit RGB PNGs to 8 bits itself. F (float) images follow PIL: 0..255, clipped.
-- Any failure to read a file raises one ImageError that names the file, with no PIL traceback chained.
-  Pillow decodes lazily, so .load() runs inside the try, or a truncated JPEG would only fail later.
-  Images over Pillow's decompression bomb limit (2 * Image.MAX_IMAGE_PIXELS) are refused.
+- A plain square resize (no centre crop) in PIL on uint8 RGB: pixels are rounded back to integers, and PIL's
+  bicubic antialiases when shrinking (F.interpolate differs). Rescale in float64, cast to float32, normalize in
+  float32: HF's ops in HF's dtypes, so the result is identical.
+- Transparency (RGBA, LA, PA, P with a transparent palette entry) is composited onto white, as HF's convert_to_rgb;
+  a plain convert("RGB") would show what hides under it, often black.
+- Deviations from HF (docs/reference.md): EXIF orientation is applied; 16-bit greyscale (I;16*, and I, as Pillow
+  opens 16-bit PGM) is scaled to 8 bits as round(x / 257), where convert("RGB") clips at 255 (Pillow reduces
+  16-bit RGB itself). F (float) images follow PIL: 0..255, clipped.
+- Any failure to read a file is one ImageError naming the file, no PIL traceback chained. .load() runs inside the
+  try: Pillow decodes lazily, a truncated JPEG would fail later. Images over 2 * Image.MAX_IMAGE_PIXELS (Pillow's
+  decompression bomb limit) are refused.
 
 train_transform is LAVIS's `blip2_image_train`, the paper's stage-1/2 augmentation:
     RandomResizedCrop(size, scale=(0.5, 1), ratio=(3/4, 4/3), bicubic) -> RandomHorizontalFlip -> ToTensor -> Normalize
-- No torchvision: the crop box is drawn exactly as torchvision's RandomResizedCrop.get_params draws it (10 tries
-  with a log-uniform aspect ratio, then the largest centred crop), with the same torch random calls in the same
-  order, flip last (checked against torchvision's source, not run: it is not a dependency). So torch.manual_seed
-  and DataLoader's per-worker seeding make it reproducible; numpy or random would repeat across forked workers.
-- Crop, then resize, in PIL, as torchvision does on PIL images. `img.resize(..., box=...)` is not the same: its
-  bicubic kernel reads pixels outside the box at the edges.
-- ToTensor's float32 x / 255 equals HF's float64 x * (1/255) cast to float32 for every uint8 x, so both transforms
-  share one to_tensor.
+- No torchvision: the crop box is drawn as torchvision's RandomResizedCrop.get_params (10 tries with a log-uniform
+  aspect ratio, then the largest centred crop), with the same torch random calls in the same order, flip last
+  (checked against its source). torch is seeded per DataLoader worker; numpy or random would repeat across them.
+- Crop, then resize, in PIL, as torchvision; `img.resize(..., box=...)` reads pixels outside the box at the edges.
+- ToTensor's float32 x / 255 equals HF's float64 x * (1/255) cast to float32 for every uint8 x: one to_tensor.
 
-Captions: pre_caption is LAVIS's BlipCaptionProcessor.pre_caption, quirks included: only runs of 2+ whitespace
-become one space, so a lone tab or newline stays inside a caption (BERT's tokenizer reads it as a space anyway),
-and "words" for max_words are space-separated.
-- Annotations are a JSON list or JSONL of {"image": path relative to image_root, "caption": str or [str, ...]}.
-  For training each (image, caption) pair is one sample (LAVIS coco_caption train has one entry per caption);
-  for retrieval each image keeps its list (load_retrieval). data/coco/prepare.py writes these files. VQA files
-  are {"image", "question", "answers": [str, ...]}. An entry with nothing but empty captions or answers is an error.
-- A bad image makes __getitem__ return None with a warning naming the file, and collate drops it and counts it
-  in `skipped`: one unreadable JPEG in 100M must not stop a run. A bad annotation file stops it at once.
-- collate pads to the longest caption in the batch, not to max_length as LAVIS does: padded positions are
-  masked out of every loss, so the losses are the same and short batches are cheaper.
+Captions: pre_caption is LAVIS's, quirks included: only runs of 2+ whitespace become one space (a lone tab or
+newline stays; BERT's tokenizer reads it as a space), and max_words counts space-separated words.
+- Annotations: a JSON list or JSONL of {"image": path under image_root, "caption": str or [str, ...]}, for VQA
+  {"image", "question", "answers": [str, ...]} (data/coco/prepare.py writes them); all-empty captions or answers
+  are an error. Training has one sample per (image, caption) pair (LAVIS coco_caption); retrieval one per image.
+- A bad image makes __getitem__ warn, naming the file, and return None; collate drops and counts it (`skipped`):
+  one unreadable JPEG in 100M must not stop a run. A bad annotation file stops it at once.
+- collate pads to the longest caption, not to max_length as LAVIS: padding is masked out of every loss.
 """
 
 import functools
@@ -73,31 +64,27 @@ class AnnotationError(ValueError):
     """An annotation file that cannot be used. The message names the file (and line)."""
 
 
+OS_REASONS = {FileNotFoundError: "no such file", IsADirectoryError: "is a directory",
+              PermissionError: "permission denied"}
+
+
 def _reason(e, name):
-    if isinstance(e, FileNotFoundError):
-        return "no such file"
-    if isinstance(e, IsADirectoryError):
-        return "is a directory"
-    if isinstance(e, PermissionError):
-        return "permission denied"
+    if type(e) in OS_REASONS:
+        return OS_REASONS[type(e)]
     if isinstance(e, Image.DecompressionBombError):
         return f"too large, over {2 * Image.MAX_IMAGE_PIXELS} pixels (decompression bomb limit)"
     if isinstance(e, UnidentifiedImageError):
         empty = os.path.isfile(name) and os.path.getsize(name) == 0
         return "empty file" if empty else "not an image, or an unknown format"
-    if "truncated" in str(e):
-        return "truncated file"
-    return f"{type(e).__name__}: {e}"
+    return "truncated file" if "truncated" in str(e) else f"{type(e).__name__}: {e}"
 
 
 def open_image(path_or_pil):
     """Open and fully decode an image, EXIF orientation applied. Raises ImageError naming the file."""
-    if isinstance(path_or_pil, Image.Image):
-        name = getattr(path_or_pil, "filename", "") or "<PIL image>"
-    else:
-        name = os.fspath(path_or_pil)
+    pil = isinstance(path_or_pil, Image.Image)
+    name = (getattr(path_or_pil, "filename", "") or "<PIL image>") if pil else os.fspath(path_or_pil)
     try:
-        if isinstance(path_or_pil, Image.Image):
+        if pil:
             path_or_pil.load()
             return ImageOps.exif_transpose(path_or_pil)  # a rotated copy, the input is left alone
         with Image.open(name) as img:
@@ -258,26 +245,21 @@ class CaptionDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        if self.seed is None:
-            return self._load(index)
-        with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
-            return self._load(index)
-
-    def _load(self, index):
         image, caption = self.samples[index]
-        try:
-            pixels = self.transform(open_image(self.image_root / image))
-        except ImageError as e:
-            warnings.warn(f"skipped: {e}", stacklevel=2)
-            return None
+        with torch.random.fork_rng(devices=[], enabled=self.seed is not None):  # the caller's random state stays
+            if self.seed is not None:
+                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+            try:
+                pixels = self.transform(open_image(self.image_root / image))
+            except ImageError as e:
+                warnings.warn(f"skipped: {e}", stacklevel=2)
+                return None
         return pixels, self.prompt + pre_caption(caption, self.max_words), index
 
 
 def collate(batch, tokenizer=None, max_length=32, padding="longest"):
-    """CaptionDataset samples -> dict of batched tensors, the None (unreadable) samples dropped and counted.
-    Use as DataLoader(collate_fn=functools.partial(collate, tokenizer=tok)). If every sample was bad, B = 0.
-    Without a tokenizer the captions stay text (stage 2 tokenises them for its LLM)."""
+    """CaptionDataset samples -> dict of batched tensors, the None (unreadable) samples dropped and counted (all bad:
+    B = 0). Without a tokenizer the captions stay text (stage 2 tokenises them for its LLM)."""
     kept = [s for s in batch if s is not None]
     out = dict(pixel_values=torch.stack([s[0] for s in kept]) if kept else torch.empty(0, 3, 0, 0),  # B, 3, S, S
                captions=[s[1] for s in kept], index=torch.tensor([s[2] for s in kept], dtype=torch.long),
@@ -288,9 +270,8 @@ def collate(batch, tokenizer=None, max_length=32, padding="longest"):
 
 
 def load_retrieval(ann_file, image_root, max_words=50, max_images=0, captions_per_image=0):
-    """The retrieval eval layout (LAVIS RetrievalEvalDataset), one annotation entry per image with its captions:
-    -> images (paths), texts (cleaned captions), img2txt (text indices per image), txt2img (image index per text).
-    max_images / captions_per_image > 0 keep the first ones only."""
+    """The retrieval eval layout (LAVIS RetrievalEvalDataset), one annotation entry per image with its captions (the
+    first max_images / captions_per_image; 0 = all): -> images (paths), cleaned texts, img2txt, txt2img."""
     root = _image_root(image_root)
     entries = read_annotations(ann_file)[:max_images or None]
     captions = [[pre_caption(c, max_words) for c in entry_captions(e)[:captions_per_image or None]] for e in entries]
@@ -339,7 +320,6 @@ def t5_batch(tokenizer, captions, prompt=None, max_length=32, generator=None):
     ids, mask = tokenizer([p for p, _ in pairs], max_length=max_length)
     out, out_mask = tokenizer([s for _, s in pairs], max_length=max_length)
     return dict(input_ids=ids, attention_mask=mask, labels=out.masked_fill(out_mask == 0, -100))
-
 
 
 def pad_cat(*ts):

@@ -4,15 +4,14 @@ CIDEr), zero-shot VQA (§4.1, VQAv2 accuracy) and image-text retrieval (§4.3, R
 captioning.py, vqa.py and retrieval.py.
 
 Notable details
-- Unreadable images are skipped and counted, as in training, and each evaluation returns their ImageError messages.
-  If none of a file's images can be read, one ImageError names the file.
-- Captions are scored per image against all of its captions (an image may have several entries): COCO's BLEU-1..4
-  and CIDEr-D on the raw captions, PTB-tokenised as coco-caption does. The prompt is not part of the scored caption.
-- Where every image's entry describes its scene (the shapes world's "objects" and "background"), captioning also
-  scores how much of what the captions say is true (metrics.scene_accuracy), as scene_accuracy and scene_objects.
-- VQA asks with the paper's prompt (Blip2.answer) and scores with the VQAv2 accuracy, also per question "type".
-- Retrieval: ITC scores every pair, ITM re-ranks each row's k_test best (Blip2Stage1.retrieval_scores). An
-  unreadable image is left out with its captions.
+- Unreadable images are skipped and counted, as in training (retrieval leaves their captions out too); each
+  evaluation returns their ImageError messages, and one ImageError names the file if none can be read.
+- Captions are scored per image against all of its captions (an image may have several entries), without the
+  prompt: COCO's BLEU-1..4 and CIDEr-D on the raw captions, PTB-tokenised as coco-caption does.
+- Where every entry describes its scene (the shapes world's "objects" and "background"), captioning also scores
+  how much of what the captions say is true (metrics.scene_accuracy): scene_accuracy, scene_objects.
+- VQA: the paper's prompt (Blip2.answer), the VQAv2 accuracy, also per question "type".
+- Retrieval: ITC scores every pair, ITM re-ranks each row's k_test best (Blip2Stage1.retrieval_scores).
 """
 import os
 
@@ -85,11 +84,10 @@ def vqa(model, ann_file, image_root="", num_beams=5, max_questions=0, batch_size
     questions = read_annotations(ann_file, "vqa")[:max_questions or None]
     answer = lambda pixels, batch: model.answer(pixels, [s["question"] for s in batch], num_beams=num_beams)
     kept, answers, skipped = _generate(model, questions, ann_file, image_root, batch_size, answer)
-    by_type = {}
+    metrics = {"accuracy": vqa_score(answers, [s["answers"] for s in kept]), "by_type": {}}
     for t in sorted({s["type"] for s in kept if "type" in s}):  # e.g. the shapes world's question types
         of_type = [(a, s["answers"]) for s, a in zip(kept, answers) if s.get("type") == t]
-        by_type[t] = vqa_score([a for a, _ in of_type], [gt for _, gt in of_type])
-    metrics = {"accuracy": vqa_score(answers, [s["answers"] for s in kept]), "by_type": by_type}
+        metrics["by_type"][t] = vqa_score([a for a, _ in of_type], [gt for _, gt in of_type])
     results = [{"image": s["image"], "question": s["question"], "answer": a} for s, a in zip(kept, answers)]
     return metrics, results, skipped
 

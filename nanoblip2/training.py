@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import save_checkpoint
-from .data import ImageError, collate, pad_cat
+from .data import CaptionDataset, ImageError, collate, eval_transform, pad_cat, train_transform
 from .evaluation import skipped_note
 from .load import reading
 
@@ -45,8 +45,7 @@ def autocast(cfg):
 
 
 def freeze(module, cfg=None):
-    """No gradients, eval mode (no dropout), and .train() can no longer undo it; with cfg, on CUDA, stored in
-    cfg.dtype (bf16)."""
+    """No gradients, eval mode for good (.train() no longer undoes it); with cfg, on CUDA, stored in cfg.dtype."""
     module.requires_grad_(False)
     module.eval()
     module.train = lambda mode=True: module
@@ -81,9 +80,9 @@ def wrap(model, cfg, ddp):
 
 
 def train_step(model, optimizer, params, stream, cfg, lr, forward, pool=None):
-    """One optimisation step at lr: cfg.grad_accum micro-batches, each forward(model, batch) -> {"loss", ...} and its
-    backward; then clip to cfg.grad_clip and step. Stage 1's NegativePool takes each micro-batch after its backward
-    (written before, its rows would change tensors the backward needs). -> (the last output, samples trained on)"""
+    """One step at lr: cfg.grad_accum micro-batches of forward(model, batch) -> {"loss", ...} and backward, then clip
+    and step. The pool (stage 1) takes each micro-batch's samples after its backward, which needs the rows they
+    overwrite. -> (the last output, samples trained on)"""
     for g in optimizer.param_groups:
         g["lr"] = lr
     n = 0
@@ -104,13 +103,13 @@ def train_step(model, optimizer, params, stream, cfg, lr, forward, pool=None):
 
 
 def evaluations(raw, step, cfg, evaluate, digits):
-    """evaluate(ann_file) -> (metrics, skipped images' messages, notes) on val_ann, and at the last step on test_ann,
+    """evaluate(ann_file) -> (metrics, skipped images' messages, *notes) on val_ann, and at the last step on test_ann,
     in eval mode; one line `eval {split} step {step} | name value | ...` each, then its notes. -> {split: metrics}"""
     metrics = {}
     raw.eval()
     for split, ann in (("val", cfg.val_ann), ("test", cfg.test_ann if step == cfg.max_steps else "")):
         if ann:
-            metrics[split], skipped, notes = evaluate(ann)
+            metrics[split], skipped, *notes = evaluate(ann)
             notes += [skipped_note(skipped)] if skipped else []
             for line in [" | ".join(f"{k} {v:.{digits}f}" for k, v in metrics[split].items())] + notes:
                 print(f"eval {split} step {step} | {line}")
@@ -126,13 +125,16 @@ def save_run(ckpt_dir, tensors, config, step, stream, optimizer, rng, metrics):
 
 
 class Stream:
-    """Batches forever, epoch after epoch, from (epoch, batch_in_epoch) on; counts and reports unreadable images."""
+    """Batches of cfg.train_ann forever, epoch after epoch, from (epoch, batch_in_epoch) on; rank 0 reports the
+    unreadable images. Text is padded to max_txt_len, so that every rank gathers the same shapes for ITC/ITM;
+    without a tokenizer it stays text."""
 
-    def __init__(self, dataset, tokenizer, cfg, rank, world, epoch=0, batch_in_epoch=0, padding="max_length",
-                 verbose=True):  # tokenizer None: the captions stay text
-        self.dataset, self.cfg, self.rank, self.world, self.verbose = dataset, cfg, rank, world, verbose
-        # fixed-length text by default, so that every rank gathers the same shapes for ITC/ITM
-        self.collate = functools.partial(collate, tokenizer=tokenizer, max_length=cfg.max_txt_len, padding=padding)
+    def __init__(self, cfg, image_size, tokenizer, rank, world, epoch=0, batch_in_epoch=0):
+        transform = (train_transform if cfg.augment else eval_transform)(image_size)
+        self.dataset = CaptionDataset(cfg.train_ann, cfg.image_root, transform, seed=cfg.seed,
+                                      captions_per_image=cfg.train_captions)
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.collate = functools.partial(collate, tokenizer=tokenizer, max_length=cfg.max_txt_len, padding="max_length")
         self.epoch, self.batch_in_epoch, self.skipped = epoch, batch_in_epoch, 0
         self.read = batch_in_epoch  # images read this epoch; a resumed one is not a whole pass, so it counts some
         self.it = self._loader()
@@ -153,41 +155,36 @@ class Stream:
 
     def next(self):
         while True:
-            try:
-                b = next(self.it)
+            for b in self.it:
                 self.batch_in_epoch += 1
-            except StopIteration:
-                if self.read == 0:  # a whole pass without one readable image: the next would be no different
-                    raise ImageError(f"{self.cfg.image_root}: not one image of {self.cfg.train_ann} could be read "
-                                     f"({self.skipped} tried)") from None
-                if self.verbose and self.skipped:
-                    print(f"epoch {self.epoch}: skipped {self.skipped} unreadable image(s)")
-                self.epoch, self.batch_in_epoch, self.skipped, self.read = self.epoch + 1, 0, 0, 0
-                self.it = self._loader()
-                continue
-            self.skipped += b["skipped"]
-            self.read += len(b["index"])
-            if len(b["index"]):  # a batch of nothing but unreadable images is passed over
-                return {k: v.to(self.cfg.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+                self.skipped += b["skipped"]
+                self.read += len(b["index"])
+                if len(b["index"]):  # a batch of nothing but unreadable images is passed over
+                    return {k: v.to(self.cfg.device, non_blocking=True) if torch.is_tensor(v) else v
+                            for k, v in b.items()}
+            if self.read == 0:  # a whole pass without one readable image: the next would be no different
+                raise ImageError(f"{self.cfg.image_root}: not one image of {self.cfg.train_ann} could be read "
+                                 f"({self.skipped} tried)")
+            if self.rank == 0 and self.skipped:
+                print(f"epoch {self.epoch}: skipped {self.skipped} unreadable image(s)")
+            self.epoch, self.batch_in_epoch, self.skipped, self.read = self.epoch + 1, 0, 0, 0
+            self.it = self._loader()
 
 
 def random_states(generator, ddp, world, pool=None):
-    """The random state of dropout and of `generator`, and the NegativePool's samples (stage 1), of every rank (a
-    list each), for a checkpoint."""
+    """For a checkpoint: the random states of dropout and `generator`, and the pool's samples, {name: [per rank]}."""
     mine = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
     if pool is not None:
         mine["pool"] = pool.state_dict()
-    states = {k: [v] for k, v in mine.items()}
+    ranks = [mine]
     if ddp:
-        states = {k: [None] * world for k in mine}
-        for k, v in mine.items():
-            dist.all_gather_object(states[k], v)
-    return states
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
+    return {k: [r[k] for r in ranks] for k in mine}
 
 
 def resume(folder, optimizer, generator, rank, pool=None):
-    """Restore the optimiser and this rank's random states (and NegativePool) from a checkpoint folder; returns
-    (step, epoch, batch_in_epoch), where the run continues."""
+    """Restore the optimiser, this rank's random states and pool from a checkpoint. -> (step, epoch, batch_in_epoch)"""
     path = os.path.join(folder, "optim.pt")
     with reading(path):  # weights_only: tensors and plain data, never a pickle that runs code
         state = torch.load(path, weights_only=True)
@@ -204,11 +201,10 @@ def resume(folder, optimizer, generator, rank, pool=None):
 
 class NegativePool:
     """Deviation from LAVIS, opt-in: more candidates for ITM's hard negatives than the batch holds. The paper's
-    batch of 1680 holds near-misses of most captions; a batch of 8 rarely does, and ITM, which re-ranks retrieval,
-    then learns to tell only easy pairs apart. This keeps this rank's last `size` samples: the frozen ViT's output,
-    the tokens, the image ids, and their ITC features (detached, up to size / B steps old: they only choose the
-    negatives, whose ITM pass is computed afresh). In the quick start (batch 8) it lifts val R@1 from ~51% to ~78%
-    (README)."""
+    batch of 1680 holds near-misses of most captions; a batch of 8 rarely does, and ITM then learns to tell only
+    easy pairs apart. Keeps this rank's last `size` samples: the frozen ViT's output, the tokens, the image ids and
+    their ITC features (detached, up to size / B steps old: they only choose the negatives, whose ITM pass is
+    computed afresh). In the quick start (batch 8) it lifts val R@1 from ~51% to ~78% (docs/notes.md)."""
 
     def __init__(self, size):
         self.size, self.buffers, self.filled, self.next = size, None, 0, 0
