@@ -15,15 +15,14 @@ Notable details:
 - Deviations from HF (docs/reference.md): EXIF orientation is applied; 16-bit greyscale (I;16*, and I, as Pillow
   opens 16-bit PGM) is scaled to 8 bits as round(x / 257), where convert("RGB") clips at 255 (Pillow reduces
   16-bit RGB itself). F (float) images follow PIL: 0..255, clipped.
-- Any failure to read a file is one ImageError naming the file, no PIL traceback chained. .load() runs inside the
-  try: Pillow decodes lazily, a truncated JPEG would fail later. Images over 2 * Image.MAX_IMAGE_PIXELS (Pillow's
-  decompression bomb limit) are refused.
+- A file that cannot be read is one ImageError naming it, no PIL traceback; .load() runs inside the try (Pillow
+  decodes lazily). Images over Pillow's decompression bomb limit (2 * Image.MAX_IMAGE_PIXELS) are refused.
 
 train_transform is LAVIS's `blip2_image_train`, the paper's stage-1/2 augmentation:
     RandomResizedCrop(size, scale=(0.5, 1), ratio=(3/4, 4/3), bicubic) -> RandomHorizontalFlip -> ToTensor -> Normalize
 - No torchvision: the crop box is drawn as torchvision's RandomResizedCrop.get_params (10 tries with a log-uniform
-  aspect ratio, then the largest centred crop), with the same torch random calls in the same order, flip last
-  (checked against its source). torch is seeded per DataLoader worker; numpy or random would repeat across them.
+  aspect ratio, then the largest centred crop), with the same torch random calls in the same order, flip last.
+  torch is seeded per DataLoader worker; numpy or random would repeat across them.
 - Crop, then resize, in PIL, as torchvision; `img.resize(..., box=...)` reads pixels outside the box at the edges.
 - ToTensor's float32 x / 255 equals HF's float64 x * (1/255) cast to float32 for every uint8 x: one to_tensor.
 
@@ -32,8 +31,8 @@ newline stays; BERT's tokenizer reads it as a space), and max_words counts space
 - Annotations: a JSON list or JSONL of {"image": path under image_root, "caption": str or [str, ...]}, for VQA
   {"image", "question", "answers": [str, ...]} (data/coco/prepare.py writes them); all-empty captions or answers
   are an error. Training has one sample per (image, caption) pair (LAVIS coco_caption); retrieval one per image.
-- A bad image makes __getitem__ warn, naming the file, and return None; collate drops and counts it (`skipped`):
-  one unreadable JPEG in 100M must not stop a run. A bad annotation file stops it at once.
+- A bad image: __getitem__ warns, naming the file, and returns None; collate drops and counts it (`skipped`). One
+  unreadable JPEG in 100M must not stop a run; a bad annotation file stops it at once.
 - collate pads to the longest caption, not to max_length as LAVIS: padding is masked out of every loss.
 """
 
@@ -228,9 +227,9 @@ def _image_root(image_root):
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """One sample per (image, caption) pair: (pixels (3, S, S), prompt + pre_caption(caption), index), or None if
-    the image cannot be read. With `seed` set, the random augmentation of a sample depends only on (seed, epoch,
-    index), not on which worker loads it or when: a resumed run sees exactly the images it would have seen."""
+    """One sample per (image, caption) pair: (pixels (3, S, S), prompt + pre_caption(caption), index), or None if the
+    image cannot be read. With `seed`, a sample's augmentation depends only on (seed, epoch, index), not on which
+    worker loads it or when: a resumed run sees exactly the images it would have seen."""
 
     def __init__(self, ann_file, image_root, transform, max_words=50, prompt="", seed=None, captions_per_image=0):
         self.seed, self.epoch = seed, 0

@@ -37,13 +37,6 @@ def setup(cfg):
     return True, dist.get_rank(), dist.get_world_size()
 
 
-def autocast(cfg):
-    """bf16 (or cfg.dtype) autocast on CUDA; nothing on the CPU, where training runs in fp32."""
-    if cfg.device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=getattr(torch, cfg.dtype))
-    return torch.autocast("cpu", enabled=False)
-
-
 def freeze(module, cfg=None):
     """No gradients, eval mode for good (.train() no longer undoes it); with cfg, on CUDA, stored in cfg.dtype."""
     module.requires_grad_(False)
@@ -85,11 +78,13 @@ def train_step(model, optimizer, params, stream, cfg, lr, forward, pool=None):
     overwrite. -> (the last output, samples trained on)"""
     for g in optimizer.param_groups:
         g["lr"] = lr
+    cuda = cfg.device.startswith("cuda")  # bf16 (cfg.dtype) autocast on CUDA; on the CPU, training runs in fp32
+    cast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if cuda else contextlib.nullcontext()
     n = 0
     for micro in range(cfg.grad_accum):
         b = stream.next()
         sync = not isinstance(model, DDP) or micro == cfg.grad_accum - 1
-        with autocast(cfg), (contextlib.nullcontext() if sync else model.no_sync()):
+        with cast, (contextlib.nullcontext() if sync else model.no_sync()):
             out = forward(model, b)
             (out["loss"] / cfg.grad_accum).backward()
         if pool is not None:  # this batch: candidates for the next steps
@@ -125,9 +120,8 @@ def save_run(ckpt_dir, tensors, config, step, stream, optimizer, rng, metrics):
 
 
 class Stream:
-    """Batches of cfg.train_ann forever, epoch after epoch, from (epoch, batch_in_epoch) on; rank 0 reports the
-    unreadable images. Text is padded to max_txt_len, so that every rank gathers the same shapes for ITC/ITM;
-    without a tokenizer it stays text."""
+    """Batches of cfg.train_ann forever, from (epoch, batch_in_epoch) on; rank 0 reports unreadable images. Text is
+    padded to max_txt_len, so that every rank gathers the same shapes for ITC/ITM (no tokenizer: it stays text)."""
 
     def __init__(self, cfg, image_size, tokenizer, rank, world, epoch=0, batch_in_epoch=0):
         transform = (train_transform if cfg.augment else eval_transform)(image_size)
@@ -256,9 +250,8 @@ def rank_rows(n, device):
 
 
 class GatherLayer(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for the gathered tensor and keeps this rank's rows
-    (LAVIS GatherLayer). torch.distributed.nn's all_gather gives wrong gradients on gloo for a gradient that
-    arrives non-contiguous, as einsum's do (torch 2.13)."""
+    """all_gather whose backward sums every rank's gradient and keeps this rank's rows (LAVIS GatherLayer). torch's
+    distributed.nn all_gather gives wrong gradients on gloo for one that arrives non-contiguous (einsum's; 2.13)."""
 
     @staticmethod
     def forward(ctx, t):
