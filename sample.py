@@ -13,17 +13,20 @@ averaged over heads and cross-attention layers ([CLS] key dropped), one heat-map
 """
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from safetensors import safe_open
 
-from nanoblip2.load import num_params
-from nanoblip2.stage2 import Blip2
 from nanoblip2.cli import parse_args, run
 from nanoblip2.data import ImageError, load_image, open_image, to_rgb
+from nanoblip2.hub import resolve
+from nanoblip2.load import num_params, read_config, reading, safetensors_files
+from nanoblip2.stage2 import Blip2
 
 QUICK_START = "out/stage2/ckpt"  # where train_stage2.py's defaults write
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -46,19 +49,55 @@ class SampleConfig:
     vqa_ann: str = ""                        # moved: python eval.py --vqa_ann=...
 
 
+def stored_params(folder):
+    """Parameters in a model folder's weights, and in the frozen parts one of our checkpoints names, from the headers."""
+    folders = [folder] + [resolve(src) for src in read_config(folder).get("frozen", {}).values() if src]
+    n = 0
+    for path in [f for d in folders for f in safetensors_files(d)]:
+        with reading(path), safe_open(path, framework="pt") as h:
+            n += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
+    return n
+
+
+def free_memory():
+    """Bytes the OS can give this process now (MemAvailable), or None where /proc/meminfo is not there."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def pick_dtype(cfg, n_params, free=None):
+    """--dtype=auto: bfloat16 on CUDA; on the CPU float32, the exact path, when 4 bytes a parameter fit in the free
+    memory with a 25% margin, else bfloat16 (2 bytes). -> (dtype, why)"""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype), "--dtype"
+    if cfg.device.startswith("cuda"):
+        return torch.bfloat16, "auto on CUDA"
+    free, need = free_memory() if free is None else free, 4 * n_params / 2**30
+    if free is None or 1.25 * need <= free / 2**30:
+        return torch.float32, f"auto: float32 needs {need:.1f} GiB" + (f", {free / 2**30:.1f} GiB free" if free else "")
+    return torch.bfloat16, f"auto: float32 would need {need:.1f} GiB + 25%, only {free / 2**30:.1f} GiB free"
+
+
 def load_model(cfg):
-    """cfg.init_from in cfg.dtype on cfg.device, with one line about it (eval.py loads its model here too)."""
+    """cfg.init_from in cfg.dtype on cfg.device, saying what it loads first (eval.py loads its model here too)."""
     torch.manual_seed(cfg.seed)
-    dtype = {"auto": torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    t0 = time.time()
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: --dtype wants auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     if not cfg.init_from:
         cfg.init_from = QUICK_START if os.path.isdir(QUICK_START) else "Salesforce/blip2-opt-2.7b"
-    model = Blip2.from_pretrained(cfg.init_from, device=cfg.device, dtype=dtype)
-    n = num_params(model)
-    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-    print(f"loaded {cfg.init_from}: {'FlanT5' if model.is_t5 else 'OPT'}, {size} params, {dtype}, {cfg.device}, "
-          f"{time.time() - t0:.1f}s")
+    folder = resolve(cfg.init_from)
+    n = stored_params(folder)
+    dtype, why = pick_dtype(cfg, n)
+    size = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    print(f"loading {cfg.init_from}: {size(n)} params, {n * dtype.itemsize / 2**30:.2f} GiB in {str(dtype)[6:]} "
+          f"({why}), {cfg.device}", flush=True)
+    t0 = time.time()
+    model = Blip2.from_pretrained(folder, device=cfg.device, dtype=dtype)
+    print(f"loaded {cfg.init_from}: {'FlanT5' if model.is_t5 else 'OPT'}, {size(num_params(model))} params, {dtype}, "
+          f"{cfg.device}, {time.time() - t0:.1f}s")
     return model
 
 
@@ -126,6 +165,8 @@ def main(cfg):
     vit = model.cfg.vit
     for path in paths:
         pixels = load_image(path, vit.image_size)[None]
+        if cfg.device == "cpu":  # seconds per token at real size: say that it is working
+            print(f"{path}: generating ({cfg.num_beams} beam(s)) ...", file=sys.stderr, flush=True)
         if cfg.question:
             text = model.answer(pixels, [cfg.question], num_beams=cfg.num_beams)[0]
             print(f"{path}: Q: {cfg.question} A: {text}")
