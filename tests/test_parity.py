@@ -1,4 +1,4 @@
-"""Our modules vs transformers on tiny random models, loaded through our own loader. Bar: max abs diff <= 1e-5."""
+"""Our modules vs transformers on tiny random models, loaded through our own loader. Tolerance: max abs diff <= 1e-5."""
 import json
 import os
 

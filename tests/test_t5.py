@@ -1,4 +1,4 @@
-"""T5 / FlanT5 vs transformers on tiny random models, loaded through our own loader. Bar: max abs diff <= 1e-5."""
+"""T5 / FlanT5 vs transformers on tiny random models, loaded through our own loader. Tolerance: max abs diff <= 1e-5."""
 import json
 import os
 
