@@ -77,7 +77,7 @@ def pick_dtype(cfg, n_params, free=None):
         return torch.bfloat16, "auto on CUDA"
     free, need = free_memory() if free is None else free, 4 * n_params / 2**30
     if free is None or 1.25 * need <= free / 2**30:
-        return torch.float32, f"auto: float32 needs {need:.1f} GiB" + (f", {free / 2**30:.1f} GiB free" if free else "")
+        return torch.float32, f"auto: float32 needs {need:.1f} GiB" + (f", {free / 2**30:.1f} free" if free else "")
     return torch.bfloat16, f"auto: float32 would need {need:.1f} GiB + 25%, only {free / 2**30:.1f} GiB free"
 
 

@@ -1,4 +1,4 @@
-"""OPT vs transformers' OPTForCausalLM on tiny random models loaded through our loader. Tolerance: max abs diff <= 1e-5."""
+"""OPT vs transformers' OPTForCausalLM on tiny random models loaded through our loader, max abs diff <= 1e-5."""
 import json
 import os
 import shutil
