@@ -50,7 +50,7 @@ class SampleConfig:
 
 
 def stored_params(folder):
-    """Parameters in a model folder's weights, and in the frozen parts one of our checkpoints names, from the headers."""
+    """Parameters in a folder's weights and in the frozen parts our checkpoints name, read from the file headers."""
     folders = [folder] + [resolve(src) for src in read_config(folder).get("frozen", {}).values() if src]
     n = 0
     for path in [f for d in folders for f in safetensors_files(d)]:
