@@ -24,6 +24,7 @@ from unittest import mock
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 
 class CheckpointError(ValueError):
@@ -130,7 +131,9 @@ def load_weights(module, folder, table, ignore=(), fresh=(), canon=None):
     mismatched, n_params, reader = [], 0, _Reader()
     if not missing and not unexpected:
         with torch.no_grad():
-            for key, (entry, srcs) in plan.items():
+            big = sum(os.path.getsize(f) for f in files) > 1 << 30  # a progress bar for real-size models only
+            for key, (entry, srcs) in tqdm(plan.items(), f"loading {type(module).__name__}", unit="tensor",
+                                           disable=not big, leave=False):
                 tensors = [reader.get(*where[s]) for s in srcs]
                 t = tensors[0] if isinstance(entry, str) else entry[0](*tensors)  # entry[0]: the fn combining them
                 dst = ours[key]
