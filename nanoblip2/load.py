@@ -8,8 +8,10 @@ Notable details
 - Strict: every tensor of the module comes from the file, every tensor of the file is used or matches the ignore
   list (fnmatch patterns), every shape agrees; else one error lists all the offenders. `fresh` names the keys that
   may keep their initialisation when the file lacks them (BERT has no cross-attention, BertModel no MLM head).
-- Lazy: tensors are read one at a time with `safe_open` and copied into the parameters, which casts them. Into a
-  module from `build_empty`, memory peaks at one model plus one tensor (or 64 MB, see `_Reader`).
+- Lazy: tensors are read one at a time with `safe_open`. Where the file holds the parameter's dtype (on the CPU) the
+  parameter takes the file's pages, mapped copy-on-write, as transformers does: no copy, and memory is used only as
+  pages are read. Otherwise they are copied into the parameters, which casts them; into a module from `build_empty`,
+  memory then peaks at one model plus one tensor (or 64 MB, see `_Reader`).
 - Old BERT checkpoints name LayerNorm parameters gamma/beta and prefix keys with `bert.`; `canon` rewrites them.
 - Every file loading reads (weights, configs, tokenizers, optimiser state) is read inside `reading(path)`: a truncated
   file, bad JSON or a missing key, our own ValueErrors, a pickle weights_only=True refuses: one CheckpointError.
@@ -128,7 +130,7 @@ def load_weights(module, folder, table, ignore=(), fresh=(), canon=None):
     used = {s for _, srcs in plan.values() for s in srcs}
     unexpected = [k for k in where if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in ignore)]
 
-    mismatched, n_params, reader = [], 0, _Reader()
+    mismatched, n_params, reader, mapped = [], 0, _Reader(), set()
     if not missing and not unexpected:
         with torch.no_grad():
             big = sum(os.path.getsize(f) for f in files) > 1 << 30  # a progress bar for real-size models only
@@ -140,7 +142,12 @@ def load_weights(module, folder, table, ignore=(), fresh=(), canon=None):
                 if t.shape != dst.shape:
                     mismatched.append(f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(dst.shape)}")
                     continue
-                dst.copy_(t)
+                if (isinstance(entry, str) and t.dtype == dst.dtype and dst.device.type == t.device.type == "cpu"
+                        and srcs[0] not in mapped):  # a tensor read twice (T5's head saved tied) is copied once
+                    dst.data = t  # mapped: the file's pages (the empty storage from build_empty is freed)
+                    mapped.add(srcs[0])
+                else:
+                    dst.copy_(t)
                 n_params += t.numel()
     if missing or unexpected or mismatched:
         lines = [f"checkpoint {folder} does not fit {type(module).__name__}:"]

@@ -101,3 +101,37 @@ def test_a_changed_frozen_part_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=f"ckpt: its frozen vit {vit} has changed since"):
         check_frozen("ckpt", d)
     check_frozen("ckpt", {"frozen": {"vit": str(vit)}})  # older checkpoints, without fingerprints: not checked
+
+
+def mapped_from(t, path):
+    """Does tensor t's memory lie in a mapping of the file at `path` (/proc/self/maps)?"""
+    with open("/proc/self/maps") as f:
+        spans = [line.split() for line in f if line.rstrip().endswith(os.fspath(path))]
+    return any(int(a, 16) <= t.data_ptr() < int(b, 16) for a, b in (s[0].split("-") for s in spans))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_same_dtype_maps_the_file_other_dtypes_copy(tmp_path):
+    from nanoblip2.load import load_weights
+    file = tmp_path / "model.safetensors"
+    weights = {"w": torch.randn(37, 48, generator=torch.Generator().manual_seed(0)), "b": torch.randn(37)}
+    save_file(weights, file)
+    (tmp_path / "config.json").write_text("{}")
+    table = {"weight": "w", "bias": "b"}
+    mapped, copied = torch.nn.Linear(48, 37), torch.nn.Linear(48, 37).double()
+    load_weights(mapped, tmp_path, table)
+    load_weights(copied, tmp_path, table)
+    assert torch.equal(mapped.weight, weights["w"]) and torch.equal(mapped.bias, weights["b"])
+    assert torch.equal(copied.weight, weights["w"].double()) and copied.weight.dtype == torch.float64
+    assert mapped_from(mapped.weight, file) and mapped_from(mapped.bias, file)  # the file's pages, not a copy
+    assert not mapped_from(copied.weight, file)  # a cast is a copy
+    assert mapped.weight.requires_grad and isinstance(mapped.weight, torch.nn.Parameter)
+    with torch.no_grad():
+        mapped.weight.add_(1.0)  # copy-on-write: the file is untouched
+    assert torch.equal(load_file(file)["w"], weights["w"])
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path, cut, ignore=shutil.ignore_patterns("cut"))
+    (cut / "model.safetensors").write_bytes(file.read_bytes()[:100])  # truncated: still the one-line error
+    with pytest.raises(CheckpointError, match=f"^{cut / 'model.safetensors'}: cannot be read") as e:
+        load_weights(torch.nn.Linear(48, 37), cut, table)
+    assert "\n" not in str(e.value)
