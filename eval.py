@@ -39,7 +39,7 @@ class EvalConfig:
     num_beams: int = 5
     max_new_tokens: int = 30                 # captions; answers use at most 10 (the paper's setting)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "auto"                      # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"                      # auto: bfloat16 on CUDA; on CPU float32 if it fits in free memory
     seed: int = 1337
 
 
