@@ -25,6 +25,7 @@ from safetensors import safe_open
 from nanoblip2.cli import parse_args, run
 from nanoblip2.data import ImageError, load_image, open_image, to_rgb
 from nanoblip2.hub import resolve
+from nanoblip2.linear import pack
 from nanoblip2.load import num_params, read_config, reading, safetensors_files
 from nanoblip2.stage2 import Blip2
 
@@ -98,6 +99,8 @@ def load_model(cfg):
     model = Blip2.from_pretrained(folder, device=cfg.device, dtype=dtype)
     print(f"loaded {cfg.init_from}: {'FlanT5' if model.is_t5 else 'OPT'}, {size(num_params(model))} params, {dtype}, "
           f"{cfg.device}, {time.time() - t0:.1f}s")
+    if dtype == torch.bfloat16 and cfg.device == "cpu":
+        pack(model.lm)  # the frozen LLM's weights in oneDNN's layout, for faster products (nanoblip2/linear.py)
     return model
 
 

@@ -4,6 +4,7 @@ import torch
 from conftest import pixels
 
 from nanoblip2 import Blip2
+from nanoblip2.linear import ONEDNN, Linear, pack
 from nanoblip2.load import CheckpointError
 
 Q = 5  # queries in the tiny models
@@ -127,6 +128,26 @@ def test_caption_and_answer_return_text(pair):
     caps = ours.caption(px, prompt="a photo of")
     ans = ours.answer(px, ["which city is this?", "what is it?"])
     assert len(caps) == 2 and len(ans) == 2 and all(isinstance(t, str) for t in caps + ans)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="needs oneDNN")
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_packed_bf16_is_the_same_model(kind, blip2_opt, blip2_t5):
+    """pack() (sample.py: bf16 on the CPU) changes only the weights' layout: the same logits bit for bit, the same ids."""
+    folder = (blip2_opt if kind == "opt" else blip2_t5)[0]
+    plain, packed = (Blip2.from_pretrained(folder, dtype=torch.bfloat16) for _ in range(2))
+    pack(packed.lm)
+    linears = [m for m in packed.lm.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight.is_mkldnn for m in linears)
+    px = pixels(B=2, seed=9).bfloat16()
+    ids, mask = prompts(plain, ["a photo of", ""])
+    embeds = torch.cat([plain.visual_prompt(px), plain.lm.embed(ids)], dim=1)
+    full_mask = torch.cat([torch.ones(2, Q, dtype=torch.long), mask], 1)
+    assert torch.equal(plain.lm.prefill(embeds, full_mask)[0], packed.lm.prefill(embeds, full_mask)[0])
+    for kw in (dict(), dict(num_beams=3, length_penalty=-1.0)):
+        a, b = (m.generate(px, ids, mask, max_new_tokens=8, **kw) for m in (plain, packed))
+        assert a.tolist() == b.tolist()
 
 
 def test_long_prompt_is_truncated_with_a_warning(blip2_opt):
