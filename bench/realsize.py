@@ -2,8 +2,8 @@
 Generation at the real sizes of BLIP-2 OPT-2.7B and BLIP-2 FlanT5-XL: nanoblip2 vs transformers on the CPU, same
 random weights, one image, 20 new tokens.
 
-    python bench/realsize.py                 # 4 rows; about 15 minutes on 2 cores, 16 GB of free RAM, 16 GB of disk
-    python bench/realsize.py --small         # the same structure with 2 layers a stack: about 2 minutes, 3 GB
+    python bench/realsize.py                 # 4 rows: about 11 minutes on 2 busy cores, 20 GB of RAM, 16 GB of disk
+    python bench/realsize.py --small         # the same structure with 2 layers a stack: about 1.5 minutes, 3 GB
     python bench/realsize.py --rows=opt-fp32-greedy,t5-fp32-greedy --dir=/data/rs --keep --out=rs.json
 
 Each model is written once per run as an HF Blip2ForConditionalGeneration folder, the shapes of Salesforce's uploads:
@@ -12,7 +12,9 @@ EVA ViT-g (39 layers, width 1408, 224 px), Q-Former (12 layers, 32 queries), OPT
 our model's key list on the meta device, each tensor drawn from N(0, 0.02) with a seeded generator (norm weights 1)
 and mapped to HF's names by our export tables. The tokenizer is a tiny one: generation needs only ids, and the
 prompts hold only the image placeholder (image_token_index 50265 / 32100, as HF's) and BOS (OPT) or </s> (T5).
---dir keeps the folders there (with --keep, a rerun of the same depth reuses them); the default is a temp dir.
+They go under --dir (default: a temp dir), one at a time, each removed after its rows unless --keep (then a rerun
+of the same depth reuses them). Peak RSS at full size: 14-15 GiB in fp32; in bf16 7.4-7.9 GiB for nanoblip2 and
+18.6-19.8 GiB for transformers, whose RSS counts the pages of the fp32 files it maps while it casts.
 
 Each row runs in a fresh process per side, nanoblip2 first, and reports:
   load s         : wall time of from_pretrained in that dtype (ours: Blip2.from_pretrained as sample.py loads, then
