@@ -141,7 +141,8 @@ class Blip2Stage1(Querying):
         same = own[:, None] == cand_ids[None, :]
         neg_img = hard_negatives(sim_t2i, same, generator)                  # (B,) indices into the candidates
         neg_txt = hard_negatives(sim_i2t, same, generator)
-        image_neg = image_all[neg_img.clamp(max=n - 1)]
+        # index_select, not image_all[...]: its backward (index_add_) sums repeated rows in a fixed order on the CPU
+        image_neg = image_all.index_select(0, neg_img.clamp(max=n - 1))
         if p is not None:  # a pool image is its ViT output through today's ln_vision
             image_neg = torch.where((neg_img >= n)[:, None, None],
                                     self.ln_vision(p["vit"][(neg_img - n).clamp(min=0)]), image_neg)
