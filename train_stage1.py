@@ -103,7 +103,9 @@ def main(cfg):
     freeze(model.vit, cfg)  # stored in bf16 on CUDA
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
-    negatives = torch.Generator(device=cfg.device).manual_seed(cfg.seed + rank)  # ITM hard negatives
+    # ITM's hard negatives: their own random stream; a compiled step draws them from the global one (dynamo cannot
+    # put a Generator in a graph, and would cut the forward around each draw)
+    negatives = None if cfg.compile else torch.Generator(device=cfg.device).manual_seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)                                            # dropout
     pool = NegativePool(cfg.itm_pool) if cfg.itm_pool > 0 else None                 # more candidates for them
     step, epoch, batch_in_epoch = (resume(src, optimizer, negatives, rank, pool) if cfg.init_from == "resume"

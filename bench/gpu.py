@@ -20,9 +20,8 @@ first compiled step compiles. Each part runs on its own: one that fails records 
 
 --tiny runs the same code on the CPU in fp32 (train_step autocasts on CUDA only), one thread; torch.compile uses the
 "aot_eager" backend there (inductor's first step took 2.5 minutes on 2 cores), and torch._dynamo.explain counts the
-compiled stage-1 step's graph breaks: 5, all from one cause. torch.multinomial in stage1.hard_negatives draws from
-the loop's torch.Generator (the ITM negatives' own random stream, saved for exact resume), and dynamo cannot put a
-Generator in a graph: each draw runs in eager, and the forward is cut around the two of them.
+compiled stage-1 step's graph breaks: none. (Dynamo cannot put a torch.Generator in a graph, so a compiled step draws
+ITM's negatives from the global random state, as train_stage1.py does with --compile.)
 """
 import gc
 import json
@@ -143,9 +142,9 @@ def stage1(cfg, S, tc, out, rows):
     pool = NegativePool(cfg.itm_pool) if cfg.itm_pool > 0 else None
     negatives = torch.Generator(device=tc.device).manual_seed(0)
 
-    def forward(m, b):  # train_stage1.py's
-        return m(b["pixel_values"], b["input_ids"], b["attention_mask"], generator=negatives, image_ids=b["index"],
-                 candidates=None if pool is None else pool.items)
+    def forward(m, b):  # train_stage1.py's: compiled, the negatives come from the global random state
+        return m(b["pixel_values"], b["input_ids"], b["attention_mask"], image_ids=b["index"],
+                 generator=negatives if m is model else None, candidates=None if pool is None else pool.items)
 
     def attempt(B):  # eager steps until the pool is full: from then on every step has the same shapes
         px, ids, mask = random_batch(vit, qformer, B, S["T"], tc.device)
@@ -174,7 +173,7 @@ def stage1(cfg, S, tc, out, rows):
         b = stream.next()
         torch._dynamo.reset()
         explained = torch._dynamo.explain(model)(b["pixel_values"], b["input_ids"], b["attention_mask"],  # as compiled
-                                                 generator=negatives, image_ids=b["index"],
+                                                 image_ids=b["index"],
                                                  candidates=None if pool is None else pool.items)
         out["graph_breaks"] = explained.graph_break_count
         out["break_reasons"] = sorted({r.reason.splitlines()[0] for r in explained.break_reasons})

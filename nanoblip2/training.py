@@ -166,8 +166,9 @@ class Stream:
 
 
 def random_states(generator, ddp, world, pool=None):
-    """For a checkpoint: the random states of dropout and `generator`, and the pool's samples, {name: [per rank]}."""
-    mine = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    """For a checkpoint: the random states of dropout and `generator` (None: the global one serves both), and the
+    pool's samples, {name: [per rank]}."""
+    mine = {"torch": torch.get_rng_state()} | ({} if generator is None else {"generator": generator.get_state()})
     if pool is not None:
         mine["pool"] = pool.state_dict()
     ranks = [mine]
@@ -184,9 +185,10 @@ def resume(folder, optimizer, generator, rank, pool=None):
         state = torch.load(path, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"][rank])
-        generator.set_state(state["rng"]["generator"][rank])
+        if generator is not None:
+            generator.set_state(state["rng"]["generator"][rank])
         if pool is not None and "pool" in state["rng"]:
-            pool.load_state_dict(state["rng"]["pool"][rank], device=generator.device)
+            pool.load_state_dict(state["rng"]["pool"][rank], device=optimizer.param_groups[0]["params"][0].device)
     path = os.path.join(folder, "meta.json")
     with reading(path), open(path, encoding="utf-8") as f:
         meta = json.load(f)
