@@ -80,3 +80,30 @@ def test_from_stage1_trains_the_bridge_only(itm_folder, blip2_opt, tmp_path):
     assert "language_projection.weight" in grads and "query_tokens" in grads and "ln_vision.weight" in grads
     assert "qformer.layers.0.cross.query.weight" in grads
     assert not any(n.startswith(("vit.", "lm.")) for n in grads)
+
+
+def test_t5_prefix_lm_batch_token_by_token(blip2_t5):
+    """The prefix LM for one hand-written caption: the prefix (+ </s>) goes to the encoder after the queries, the
+    suffix (+ </s>) is the decoder's target, fed shifted right after the start token; padding is -100."""
+    model = Blip2.from_pretrained(blip2_t5[0])
+    tok, start = model.tokenizer, model.cfg.lm.decoder_start_id
+    t = {w: tok.token_id("▁" + w) for w in "a cat on mat two dogs".split()}
+    eos, pad = tok.eos_id, tok.pad_id
+    seed = next(s for s in range(100) if prefix_split("a cat on a mat", torch.Generator().manual_seed(s))[0] == "a cat")
+    b = t5_batch(tok, ["a cat on a mat", "two dogs"], generator=torch.Generator().manual_seed(seed))
+    assert b["input_ids"][0].tolist() == [t["a"], t["cat"], eos] and b["attention_mask"][0].tolist() == [1, 1, 1]
+    assert b["labels"][0].tolist() == [t["on"], t["a"], t["mat"], eos]
+    assert b["input_ids"][1].tolist() == [t["two"], eos, pad] and b["attention_mask"][1].tolist() == [1, 1, 0]
+    assert b["labels"][1].tolist() == [t["dogs"], eos, -100, -100]
+
+    seen = {}
+    encode, decode = model.lm.encode, model.lm.decode
+    model.lm.encode = lambda inputs_embeds, attention_mask: seen.update(enc=inputs_embeds, mask=attention_mask) or \
+        encode(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    model.lm.decode = lambda dec, *a, **k: seen.update(dec=dec) or decode(dec, *a, **k)
+    px = pixels(B=2, seed=3)
+    model(px, b)
+    assert torch.equal(seen["enc"][:, :Q], model.visual_prompt(px))                # the queries first
+    assert torch.equal(seen["enc"][:, Q:], model.lm.embed(b["input_ids"]))         # then the prefix and </s>
+    assert seen["mask"].tolist() == [[1] * Q + [1, 1, 1], [1] * Q + [1, 1, 0]]
+    assert seen["dec"].tolist() == [[start, t["on"], t["a"], t["mat"]], [start, t["dogs"], eos, pad]]
