@@ -134,7 +134,7 @@ def test_caption_and_answer_return_text(pair):
 @torch.no_grad()
 @pytest.mark.parametrize("kind", ["opt", "t5"])
 def test_packed_bf16_is_the_same_model(kind, blip2_opt, blip2_t5):
-    """pack() (sample.py: bf16 on the CPU) changes only the weights' layout: the same logits bit for bit, the same ids."""
+    """pack() (sample.py: bf16 on the CPU) changes only the weights' layout: the same logits bit for bit, same ids."""
     folder = (blip2_opt if kind == "opt" else blip2_t5)[0]
     plain, packed = (Blip2.from_pretrained(folder, dtype=torch.bfloat16) for _ in range(2))
     pack(packed.lm)
