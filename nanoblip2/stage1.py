@@ -94,18 +94,21 @@ class Blip2Stage1(Querying):
 
     # --- training: the three stage-1 losses (§3.2, LAVIS blip2_qformer.py:90-275) ---------------------------
 
-    def forward(self, pixel_values, input_ids, attention_mask, generator=None, image_ids=None, candidates=None):
+    def forward(self, pixel_values, input_ids, attention_mask, generator=None, image_ids=None, candidates=None,
+                itg=True):
         """pixel_values (B, 3, S, S); input_ids (B, T) = [CLS] caption [SEP], padded; generator: for the ITM negatives;
-        image_ids (B,): samples of one image share an id and are never each other's negatives (LAVIS's image_id
-        branch; None: each sample its own image); candidates: earlier samples to draw them from (NegativePool.items).
-        -> loss = loss_itc + loss_itm + loss_itg (equal weights, as LAVIS), the three, and `samples` for the pool."""
+        image_ids (B,): samples of one image share an id, are ITC positives of each other and never ITM negatives
+        (LAVIS's image_id branch; None: each sample its own image); candidates: earlier samples to draw them from
+        (NegativePool.items); itg: False leaves ITG out. -> loss = loss_itc + loss_itm + loss_itg (equal weights, as
+        LAVIS), the three, and `samples` for the pool."""
         if candidates is not None and image_ids is None:
             raise ValueError("candidates need the image_ids of the samples")
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)  # Deviation from LAVIS: clamped as in BLIP-1 (and kept out of weight decay)
+        itc_ids = image_ids  # None: ITC's positives are the diagonal, as LAVIS without image ids
         if image_ids is None:  # each sample its own image, numbered over all ranks
             image_ids = rank_rows(len(input_ids), input_ids.device)
-        vit = self.vit(pixel_values)                                        # frozen: no graph
+        vit = self.vit(pixel_values)                                        # frozen (pre-training): no graph
         image = self.ln_vision(vit)                                         # (B, N, Cv)
         q_out, past = self.queries(image)                                   # the queries' K/V are reused by ITG
         img_feats = F.normalize(self.vision_proj(q_out), dim=-1)            # (B, Q, D)
@@ -114,15 +117,17 @@ class Blip2Stage1(Querying):
                        img_feats=img_feats, txt_feat=txt_feat)
 
         ###============== Image-text Contrastive ===================###
-        loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp)   # (B, G*B) both ways, for ITM
+        loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp, itc_ids)  # (B, G*B) both ways
 
         ###============== Image-text Matching ===================###
         loss_itm = self.itm(image, samples, sim_i2t, sim_t2i, generator, candidates)
 
         ###============== Image Captioning ===================###
-        loss_itg = self.itg(input_ids, attention_mask, past)
-        return dict(loss=loss_itc + loss_itm + loss_itg, loss_itc=loss_itc, loss_itm=loss_itm, loss_itg=loss_itg,
-                    samples=samples)
+        out = dict(loss=loss_itc + loss_itm, loss_itc=loss_itc, loss_itm=loss_itm, samples=samples)
+        if itg:  # off: Table 6's ablation, without its forward
+            out["loss_itg"] = self.itg(input_ids, attention_mask, past)
+            out["loss"] = out["loss"] + out["loss_itg"]
+        return out
 
     def itm(self, image, samples, sim_i2t, sim_t2i, generator=None, candidates=None):
         """Every pair once positive, then a hard negative image for each text and a hard negative text for each image,
@@ -214,7 +219,7 @@ class Blip2Stage1(Querying):
         src = resolve(src)
         d = read_config(src)
         if d.get("nanoblip2") == "stage1":
-            return cls._from_checkpoint(src, d, device, dtype)
+            return cls._from_checkpoint(src, d, device, dtype, image_size)
         if d.get("model_type") != "blip-2" or not d["qformer_config"].get("use_qformer_text_input"):
             raise CheckpointError(f"{src}: not a BLIP-2 image-text retrieval checkpoint "
                                   f"(model_type={d.get('model_type')!r}); stage-2 folders load with Blip2")
@@ -228,14 +233,20 @@ class Blip2Stage1(Querying):
         return model.eval()
 
     @classmethod
-    def _from_checkpoint(cls, folder, d, device="cpu", dtype=None):
-        """Our folder: the trainable tensors from model.safetensors, a frozen ViT from the source config.json names."""
+    def _from_checkpoint(cls, folder, d, device="cpu", dtype=None, image_size=None):
+        """Our folder: the trained tensors from model.safetensors, a frozen ViT from the source config.json names
+        (none: a ViT trained with the rest, in the folder). image_size: another than trained at (fine-tuning)."""
         check_frozen(folder, d)
-        model = build_empty(cls, Stage1Config.from_dict(d["model"]), device, dtype)
+        cfg = Stage1Config.from_dict(d["model"])
+        cfg.vit.image_size = image_size or cfg.vit.image_size
+        model = build_empty(cls, cfg, device, dtype)
         vit_src = d.get("frozen", {}).get("vit")
         if vit_src:
             load_weights(model.vit, resolve(vit_src), **vt.hf_keys(model.cfg.vit))
         table = {k: k for k in model.state_dict() if not (vit_src and k.startswith("vit."))}
+        if not vit_src:  # the trained ViT's position embedding, at this image size
+            n = (cfg.vit.image_size // cfg.vit.patch_size) ** 2
+            table["vit.pos_embed"] = (lambda t: vt.interpolate_pos_embed(t, n, cfg.vit.clip), ["vit.pos_embed"])
         load_weights(model, folder, table, fresh=["vit.*"] if vit_src else [])
         return model.eval()
 
@@ -261,14 +272,20 @@ class Blip2Stage1(Querying):
         return model
 
 
-def itc_loss(img_feats, txt_feat, temp):
+def itc_loss(img_feats, txt_feat, temp, image_ids=None):
     """Image-text contrastive loss: this rank's normalised img_feats (B, Q, D) and txt_feat (B, D) against every
     rank's, both ways; a pair's score is its best query. Deviation from LAVIS: the gather keeps gradients, so G ranks
-    of B equal one process of G*B. -> the loss and the temp-scaled similarities (B, G*B) both ways, for ITM."""
+    of B equal one process of G*B. image_ids (B,): LAVIS's image_id branch, every pair of the row's image is a
+    positive, sharing the 0.9 (with distinct ids, the cross-entropy below). -> the loss and the temp-scaled
+    similarities (B, G*B) both ways, for ITM."""
     img_all, txt_all = gather(img_feats), gather(txt_feat)                            # (G*B, Q, D), (G*B, D)
     sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B)
     sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B)
-    targets = rank_rows(len(img_feats), sim_i2t.device)                              # the positives
+    if image_ids is not None:  # soft targets: 0.9 * pos / pos.sum(1) + 0.1 / (G*B), label smoothing as LAVIS
+        pos = (image_ids[:, None] == gather(image_ids)[None, :]).float()             # (B, G*B)
+        targets = pos / pos.sum(dim=1, keepdim=True)
+    else:
+        targets = rank_rows(len(img_feats), sim_i2t.device)                          # the positives
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) +
             F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
     return loss, sim_i2t, sim_t2i
