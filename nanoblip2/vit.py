@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .load import prefixed
 
@@ -124,12 +125,16 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.clip else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.grad_checkpoint = False  # a trained ViT (fine-tuning): keep each block's input, recompute the rest
 
     def forward(self, pixel_values):  # (B, 3, S, S) -> (B, N, C), N = (S/patch)^2 + 1
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         x = self.ln_pre(torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1) + self.pos_embed)
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpoint and torch.is_grad_enabled():  # activations recomputed in the backward
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return x
 
 
