@@ -56,13 +56,29 @@ def get_lr(step, cfg):
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def adamw(params, cfg):
+def adamw(params, cfg, lr_scale=None):
     """AdamW; no weight decay on biases, norms and 0-dim parameters such as temp (LAVIS decays temp, we do not).
-    Fused (one kernel per step instead of one per operation) on CUDA and the CPU, as HF's Trainer defaults to."""
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    lr_scale {parameter: factor} (`layer_decay`; 1 for the others): a pair of groups per factor, largest first,
+    whose lr train_step multiplies by it. Fused (one kernel per step instead of one per operation) on CUDA and the
+    CPU, as HF's Trainer defaults to."""
+    scale, groups = lr_scale or {}, []
+    for s in sorted({scale.get(p, 1.0) for p in params}, reverse=True):
+        mine = [p for p in params if scale.get(p, 1.0) == s]
+        groups += [{"params": [p for p in mine if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": s},
+                   {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, "lr_scale": s}]
     fused = cfg.device.split(":")[0] in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def layer_decay(vit, decay):
+    """Layer-wise lr decay for a trained ViT (BEiT's; BLIP-2 fine-tuning, 0.95): block i of L gets decay ** (L - i),
+    the embeddings (patch, cls, position; CLIP's ln_pre) decay ** (L + 1), so the lower a layer, the less it moves.
+    -> {parameter: factor} for `adamw`; what it lacks (ln_vision, the Q-Former) keeps the full lr."""
+    L = len(vit.blocks)
+    scale = {p: decay ** (L + 1) for p in vit.parameters()}
+    for i, block in enumerate(vit.blocks):
+        scale |= {p: decay ** (L - i) for p in block.parameters()}
+    return scale
 
 
 def wrap(model, cfg, ddp):
@@ -73,11 +89,11 @@ def wrap(model, cfg, ddp):
 
 
 def train_step(model, optimizer, params, stream, cfg, lr, forward, pool=None):
-    """One step at lr: cfg.grad_accum micro-batches of forward(model, batch) -> {"loss", ...} and backward, then clip
-    and step. The pool (stage 1) takes each micro-batch's samples after its backward, which needs the rows they
-    overwrite. -> (the last output, samples trained on)"""
+    """One step at lr (times each group's lr_scale): cfg.grad_accum micro-batches of forward(model, batch) ->
+    {"loss", ...} and backward, then clip and step. The pool (stage 1) takes each micro-batch's samples after its
+    backward, which needs the rows they overwrite. -> (the last output, samples trained on)"""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # optimiser states saved by older code have no lr_scale
     cuda = cfg.device.startswith("cuda")  # bf16 (cfg.dtype) autocast on CUDA; on the CPU, training runs in fp32
     cast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if cuda else contextlib.nullcontext()
     n = 0
