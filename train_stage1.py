@@ -5,6 +5,7 @@ Stage 1 of BLIP-2 (paper §3.2): train the Q-Former against a frozen image encod
     python train_stage1.py config/stage1_coco_vitg.json       # the paper's: EVA ViT-g + BERT-base on COCO
     torchrun --standalone --nproc_per_node=8 train_stage1.py config/stage1_coco_vitg.json
     python train_stage1.py --init_from=resume                 # continue a run (same out_dir)
+    python train_stage1.py config/stage1_retrieval_coco_vitg.json   # §4.4: retrieval fine-tuning, ViT trained
 
 The defaults are the quick start's, ~10 minutes on 2 CPU cores; the config file holds the paper's settings. One log
 line per log_interval steps; retrieval R@K on val_ann and a checkpoint every eval_interval steps, on test_ann at the
@@ -24,8 +25,8 @@ from nanoblip2.evaluation import retrieval
 from nanoblip2.hub import resolve
 from nanoblip2.load import read_config
 from nanoblip2.tokenizer import load_bert_tokenizer
-from nanoblip2.training import (NegativePool, Stream, adamw, evaluations, freeze, get_lr, random_states,
-                                resume, save_run, setup, train_step, wrap)
+from nanoblip2.training import (NegativePool, Stream, adamw, evaluations, freeze, get_lr, layer_decay,
+                                random_states, resume, save_run, setup, train_step, wrap)
 
 
 @dataclass
@@ -35,7 +36,8 @@ class TrainConfig:
     val_ann: str = "data/shapes/val.json"      # retrieval every eval_interval steps; "" for none
     test_ann: str = "data/shapes/test.json"    # retrieval once, at the end; "" for none
     image_root: str = "data/shapes/images"
-    image_size: int = 0                        # 0 = the ViT's own (224 for EVA ViT-g, 64 for the shapes ViT)
+    image_size: int = 0                        # 0 = the ViT's own (224 for EVA ViT-g, 64 for the shapes ViT) or
+                                               # init_from's; not with resume
     max_txt_len: int = 32
     train_captions: int = 1                    # captions per training image, the first ones; 0 = all (COCO).
                                                # 1: the shapes world's specific first caption (measured better)
@@ -48,6 +50,10 @@ class TrainConfig:
     num_query_tokens: int = 32
     cross_attention_freq: int = 2              # cross-attention in every k-th layer, as LAVIS
     init_from: str = "scratch"                 # scratch | resume | a nanoblip2 stage-1 folder
+    freeze_vit: bool = True                    # false: the ViT is trained too (retrieval fine-tuning, §4.4)
+    vit_lr_decay: float = 1.0                  # a trained ViT's layer-wise lr decay (the paper: 0.95); 1 = off
+    vit_grad_checkpoint: bool = False          # a trained ViT's blocks recompute their activations in the backward
+    itg: bool = True                           # false: no ITG loss (Table 6's ablation)
     # optimisation: the quick start's; the paper's are in config/stage1_coco_vitg.json
     batch_size: int = 8                        # per process; the paper's total is 1680 (ViT-g). Here more, smaller
     grad_accum: int = 1                        # steps learn more in the same time (measured: 8 > 16 > 32 > 64)
@@ -94,15 +100,21 @@ def main(cfg):
                                           image_size=cfg.image_size or None, device=cfg.device)
         vit_source, bert = resolve(cfg.vit), cfg.bert
     else:
-        model = Blip2Stage1.from_pretrained(cfg.init_from, device=cfg.device).train()
+        model = Blip2Stage1.from_pretrained(cfg.init_from, image_size=cfg.image_size or None,
+                                            device=cfg.device).train()
         vit_source, bert = read_config(resolve(cfg.init_from))["frozen"]["vit"], cfg.bert
-    fingerprints = {"vit": fingerprint(resolve(vit_source))}  # loading checks them: the ViT is named by path
+    vit_source = vit_source if cfg.freeze_vit else None  # None: the ViT is saved with the rest
+    fingerprints = {"vit": fingerprint(resolve(vit_source))} if vit_source else {}  # loading checks: named by path
     tok = load_bert_tokenizer(resolve(bert))
     if tok.bos_id != model.cfg.dec_id:
         raise SystemExit(f"error: the tokenizer's [DEC] is {tok.bos_id}, the model's {model.cfg.dec_id}")
-    freeze(model.vit, cfg)  # stored in bf16 on CUDA
+    if cfg.freeze_vit:
+        freeze(model.vit, cfg)  # stored in bf16 on CUDA
+    model.vit.grad_checkpoint = cfg.vit_grad_checkpoint and not cfg.freeze_vit
+    if not cfg.itg:  # the ITG head is unused: out of the optimiser and of DDP's gradient reduction
+        model.qformer.lm_head.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, cfg)
+    optimizer = adamw(params, cfg, layer_decay(model.vit, cfg.vit_lr_decay))
     # ITM's hard negatives: their own random stream; a compiled step draws them from the global one (dynamo cannot
     # put a Generator in a graph, and would cut the forward around each draw)
     negatives = None if cfg.compile else torch.Generator(device=cfg.device).manual_seed(cfg.seed + rank)
@@ -112,8 +124,8 @@ def main(cfg):
                                    else (0, 0, 0))
     raw, model = model, wrap(model, cfg, ddp)
     if master:
-        print(f"stage 1: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, ViT frozen "
-              f"({cfg.device}, {world} process(es))")
+        print(f"stage 1: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, ViT "
+              f"{'frozen' if cfg.freeze_vit else 'trained'} ({cfg.device}, {world} process(es))")
     stream = Stream(cfg, raw.cfg.vit.image_size, tok, rank, world, epoch, batch_in_epoch)
     image_ids = stream.dataset.image_ids.to(cfg.device)
     config = {"nanoblip2": "stage1", "model": asdict(raw.cfg), "frozen": {"vit": vit_source},
@@ -121,7 +133,7 @@ def main(cfg):
 
     def forward(model, b):  # ITC, ITM and ITG on a batch; ITM's hard negatives from it and from the pool
         return model(b["pixel_values"], b["input_ids"], b["attention_mask"], generator=negatives,
-                     image_ids=image_ids[b["index"]], candidates=None if pool is None else pool.items)
+                     image_ids=image_ids[b["index"]], candidates=None if pool is None else pool.items, itg=cfg.itg)
 
     def evaluate(ann):  # retrieval: ITC's top k_test re-ranked by ITM; i2t and t2i R@1/5/10
         return retrieval(raw, tok, ann, cfg.image_root, cfg.eval_k_test, cfg.eval_max_images, cfg.eval_captions)
@@ -134,15 +146,16 @@ def main(cfg):
         step += 1
         seen += n * world
         if master and (step % cfg.log_interval == 0 or step == 1):
+            itg = f" | itg {out['loss_itg'].item():.4f}" if cfg.itg else ""
             print(f"step {step} | loss {out['loss'].item():.4f} | itc {out['loss_itc'].item():.4f} | "
-                  f"itm {out['loss_itm'].item():.4f} | itg {out['loss_itg'].item():.4f} | lr {lr:.2e} | "
+                  f"itm {out['loss_itm'].item():.4f}{itg} | lr {lr:.2e} | "
                   f"temp {raw.temp.item():.4f} | {seen / (time.time() - t0):.1f} img/s")
             t0, seen = time.time(), 0
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             metrics = evaluations(raw, step, cfg, evaluate, digits=2) if master else {}
             rng = random_states(negatives, ddp, world, pool)  # every rank takes part
             if master:
-                tensors = {k: v for k, v in raw.state_dict().items() if not k.startswith("vit.")}
+                tensors = {k: v for k, v in raw.state_dict().items() if not (vit_source and k.startswith("vit."))}
                 save_run(ckpt_dir, tensors, config, step, stream, optimizer, rng, metrics)
             t0, seen = time.time(), 0
     if ddp:

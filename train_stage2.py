@@ -5,7 +5,7 @@ it with the LLM's language-modelling loss (OPT) or prefix language-modelling los
     python train_stage2.py                                    # the quick start: out/stage1/ckpt + the shapes OPT
     python train_stage2.py --init_from=bert --out_dir=out/stage2_no_stage1    # Figure 5: no stage 1
     python train_stage2.py config/stage2_coco_opt2.7b.json    # the paper's (or stage2_coco_flant5xl.json)
-    python train_stage2.py config/stage2_coco_opt2.7b.json --prompt="a photo of" --freeze_vit=false  # §4.2
+    python train_stage2.py config/stage2_caption_coco_opt2.7b.json    # §4.2: caption fine-tuning, the ViT trained
     torchrun --standalone --nproc_per_node=8 train_stage2.py config/stage2_coco_opt2.7b.json
     python train_stage2.py --init_from=resume                 # continue a run (same out_dir)
 
@@ -28,8 +28,8 @@ from nanoblip2.checkpoint import checkpoint_folder, fingerprint
 from nanoblip2.evaluation import captioning
 from nanoblip2.hub import resolve
 from nanoblip2.load import read_config
-from nanoblip2.training import (Stream, adamw, evaluations, freeze, get_lr, random_states, resume, save_run,
-                                setup, train_step, wrap)
+from nanoblip2.training import (Stream, adamw, evaluations, freeze, get_lr, layer_decay, random_states, resume,
+                                save_run, setup, train_step, wrap)
 
 
 @dataclass
@@ -39,7 +39,7 @@ class TrainConfig:
     val_ann: str = "data/shapes/val.json"      # captioned every eval_interval steps; "" for none
     test_ann: str = "data/shapes/test.json"    # captioned once, at the end; "" for none
     image_root: str = "data/shapes/images"
-    image_size: int = 0                        # with init_from=bert: 0 = the ViT's own
+    image_size: int = 0                        # 0 = the ViT's own or init_from's (fine-tuning: 364); not with resume
     max_txt_len: int = 32
     train_captions: int = 1                    # captions per training image, the first ones; 0 = all (COCO).
                                                # 1: the shapes world's specific first caption (measured better)
@@ -54,7 +54,9 @@ class TrainConfig:
     num_query_tokens: int = 32                 # with init_from=bert (else the stage-1 model's)
     cross_attention_freq: int = 2              # with init_from=bert
     prompt: str = ""                           # "" for pre-training; "a photo of" for caption fine-tuning
-    freeze_vit: bool = True
+    freeze_vit: bool = True                    # false: the ViT is trained too (caption fine-tuning, §4.2)
+    vit_lr_decay: float = 1.0                  # a trained ViT's layer-wise lr decay (the paper: 0.95); 1 = off
+    vit_grad_checkpoint: bool = False          # a trained ViT's blocks recompute their activations in the backward
     # optimisation: the quick start's; the paper's (§3.4, LAVIS pretrain_stage2.yaml) are in config/stage2_coco_*.json
     batch_size: int = 32                       # per process; the paper's total is 1920 (OPT) / 1520 (FlanT5)
     grad_accum: int = 1
@@ -99,7 +101,7 @@ def main(cfg):
                                                image_size=cfg.image_size or None, device=cfg.device)
             vit_source = resolve(cfg.vit)
         else:
-            stage1 = Blip2Stage1.from_pretrained(cfg.init_from, device=cfg.device)
+            stage1 = Blip2Stage1.from_pretrained(cfg.init_from, image_size=cfg.image_size or None, device=cfg.device)
             vit_source = read_config(resolve(cfg.init_from))["frozen"]["vit"]
         model = Blip2.from_stage1(stage1, cfg.lm, device=cfg.device).train()
         frozen = {"vit": vit_source if cfg.freeze_vit else None, "lm": resolve(cfg.lm)}
@@ -107,8 +109,9 @@ def main(cfg):
     freeze(model.lm, cfg)  # the frozen parts are stored in bf16 on CUDA
     if cfg.freeze_vit:
         freeze(model.vit, cfg)
+    model.vit.grad_checkpoint = cfg.vit_grad_checkpoint and not cfg.freeze_vit
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, cfg)
+    optimizer = adamw(params, cfg, layer_decay(model.vit, cfg.vit_lr_decay))
     splits = torch.Generator().manual_seed(cfg.seed + rank)  # FlanT5's prefix/suffix split points
     torch.manual_seed(cfg.seed + rank)                       # dropout
     step, epoch, batch_in_epoch = resume(src, optimizer, splits, rank) if cfg.init_from == "resume" else (0, 0, 0)
@@ -121,7 +124,7 @@ def main(cfg):
     stream = Stream(cfg, raw.cfg.vit.image_size, None, rank, world, epoch, batch_in_epoch)
     config = {"nanoblip2": "stage2", "model": raw.cfg.to_dict(), "frozen": frozen, "fingerprints": fingerprints,
               "train": asdict(cfg)}  # the checkpoints' config.json
-    not_saved = ("lm.", "vit.") if cfg.freeze_vit else ("lm.",)  # the frozen parts stay in their own files
+    not_saved = ("lm.", "vit.") if frozen["vit"] else ("lm.",)  # the frozen parts stay in their own files
 
     def forward(model, b):  # the LLM's loss on the captions, after the queries
         if raw.is_t5:
