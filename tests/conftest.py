@@ -54,6 +54,17 @@ def clip_folder(tmp_path_factory):
     return save(model, tmp_path_factory.mktemp("clip")), model
 
 
+def two_ranks(worker, tmp_path):
+    """worker(rank, world=2, port, result_file) in two gloo processes on a free port -> what it saved there."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    return torch.load(tmp_path / "ddp.pt")
+
+
 def text_batch(vocab, B=3, T=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (B, T), generator=g)

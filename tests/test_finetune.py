@@ -2,13 +2,13 @@
 layer-wise lr decay and activation checkpointing, in the model and through train_stage1.py / train_stage2.py."""
 import json
 import os
-import socket
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from conftest import two_ranks
 from test_losses import batch, features, tiny_model
 from test_train_stage1 import data, losses, train  # noqa: F401, F811  (data is a fixture)
 from test_train_stage2 import lms, train2  # noqa: F401, F811  (lms is a fixture)
@@ -86,12 +86,7 @@ IDS = torch.tensor([0, 1, 2, 5, 5, 0, 6, 7])  # one image on both ranks, one twi
 
 
 def test_itc_image_ids_are_gathered_over_ranks(tmp_path):
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
-    ddp = torch.load(tmp_path / "ddp.pt")
+    ddp = two_ranks(_ddp_worker, tmp_path)
     model, (px, ids, mask) = tiny_model(), batch(B=8, seed=1, pad=False)
     out = model(px, ids, mask, image_ids=IDS)
     out["loss_itc"].backward()

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import two_ranks
 
 from nanoblip2 import qformer as qf
 from nanoblip2 import vit as vt
@@ -191,13 +192,7 @@ def _ddp_worker(rank, world, port, result_file):
 
 
 def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
-    ddp = torch.load(tmp_path / "ddp.pt")
+    ddp = two_ranks(_ddp_worker, tmp_path)
     model = tiny_model()
     # ITG is a mean over tokens: the mean of the ranks' means is the global mean only for equal token counts
     px, ids, mask = batch(B=8, seed=1, pad=False)
