@@ -2,7 +2,8 @@
 Export: our models -> Hugging Face folders (config.json, model.safetensors, tokenizer) that transformers loads with
 `from_pretrained`: the loaders read backwards, weights through the same `hf_keys` tables, configs through `to_hf`.
 `python -m nanoblip2.export out/stage1 hf/stage1` turns one of our stage-1 or stage-2 checkpoints (or an HF BLIP-2
-folder) into a Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder.
+folder) into a Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder; a stage-2 model whose Q-Former reads
+the instruction into an InstructBlipForConditionalGeneration folder (its BERT tokenizer in qformer_tokenizer/).
 
 Notable details
 - A table entry `(fn, [HF templates], inverse)` writes what its inverse returns, one tensor per template. Two
@@ -103,16 +104,20 @@ def _generation(config):  # generation_config.json: the special ids of an LM's c
 
 
 def blip2_config(model):
-    """config.json of a Blip2ForConditionalGeneration (our Blip2) or a Blip2ForImageTextRetrieval (our Blip2Stage1)."""
+    """config.json of a Blip2ForConditionalGeneration (our Blip2), an InstructBlipForConditionalGeneration (our Blip2
+    whose Q-Former reads the instruction) or a Blip2ForImageTextRetrieval (our Blip2Stage1)."""
     cfg, stage1 = model.cfg, not hasattr(model, "lm")
+    instruct = not stage1 and cfg.qformer.text
     if cfg.vit.clip:
         raise ValueError("HF BLIP-2 has no CLIP vision tower (it has no ln_pre): export the ViT alone with export_vit")
     if cfg.ln_vision_eps != cfg.vit.eps:
         warnings.warn(f"ln_vision eps {cfg.ln_vision_eps} differs from the ViT's {cfg.vit.eps}; HF has one eps for "
                       f"both, so post_layernorm is written with {cfg.vit.eps}")
-    d = dict(architectures=["Blip2ForImageTextRetrieval" if stage1 else "Blip2ForConditionalGeneration"],
-             model_type="blip-2", num_query_tokens=cfg.qformer.num_query_tokens, vision_config=cfg.vit.to_hf(),
-             qformer_config=cfg.qformer.to_hf(text=stage1), dtype=_dtype(model))
+    arch = "Blip2ForImageTextRetrieval" if stage1 else "Blip2ForConditionalGeneration"
+    d = dict(architectures=["InstructBlipForConditionalGeneration" if instruct else arch],
+             model_type="instructblip" if instruct else "blip-2", num_query_tokens=cfg.qformer.num_query_tokens,
+             vision_config=cfg.vit.to_hf() | (dict(model_type="instructblip_vision_model") if instruct else {}),
+             qformer_config=cfg.qformer.to_hf(text=stage1, instruct=instruct), dtype=_dtype(model))
     if stage1:
         return d | dict(image_text_hidden_size=cfg.embed_dim)
     index, V = cfg.image_token_index, cfg.lm.vocab_size
@@ -125,9 +130,11 @@ def blip2_config(model):
                     use_decoder_only_language_model=not model.is_t5)
 
 
-def save_tokenizer(tok, folder, kind, image_token_index=None, image_size=None, num_query_tokens=None):
-    """Our Tokenizer ("opt", "t5" or "bert") -> tokenizer.json + tokenizer_config.json (+ the Blip2Processor files
+def save_tokenizer(tok, folder, kind, image_token_index=None, image_size=None, num_query_tokens=None,
+                   processor="Blip2Processor"):
+    """Our Tokenizer ("opt", "t5" or "bert") -> tokenizer.json + tokenizer_config.json (+ the files of `processor`
     when image_size is given). <image> is added when `image_token_index` is the next free id."""
+    os.makedirs(folder, exist_ok=True)
     tk = HFTokenizer.from_str(tok.tk.to_str())  # a copy: no padding/truncation state, the model's is untouched
     tk.no_padding()
     tk.no_truncation()
@@ -150,35 +157,35 @@ def save_tokenizer(tok, folder, kind, image_token_index=None, image_size=None, n
     _write(folder, "special_tokens_map.json", {k: v for k, v in cfg.items() if k.endswith("_token")})
     if image_size is not None:
         _write(folder, "preprocessor_config.json", dict(
-            image_processor_type="BlipImageProcessor", processor_class="Blip2Processor", do_resize=True,
+            image_processor_type="BlipImageProcessor", processor_class=processor, do_resize=True,
             size=dict(height=image_size, width=image_size), resample=3, do_rescale=True, rescale_factor=1 / 255,
             do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True))
-        _write(folder, "processor_config.json", dict(processor_class="Blip2Processor",
-                                                     num_query_tokens=num_query_tokens))
+        _write(folder, "processor_config.json", dict(processor_class=processor, num_query_tokens=num_query_tokens))
 
 # ---------------------------------------------------------------------------------------------------------
 # Whole models, then single components in their own families' layouts, readable by our loaders and transformers
 
 
 def export_blip2(model, folder):
-    """Our stage-2 Blip2 -> a Blip2ForConditionalGeneration folder (weights, config, tokenizer, processor files)."""
+    """Our stage-2 Blip2 -> a Blip2ForConditionalGeneration folder (weights, config, tokenizer, processor files), or
+    an InstructBlipForConditionalGeneration folder when the Q-Former reads the instruction (+ qformer_tokenizer/)."""
     cfg = model.cfg
     table = Blip2.hf_keys(cfg)["table"]
-    drop = ["qformer.word_embeddings.*", "qformer.position_embeddings.*", "qformer.layers.*.ffn_text.*",
-            "qformer.lm_head.*"]  # a stage-1 text branch, if any: Blip2ForConditionalGeneration has none
     config = blip2_config(model)
     index = config["image_token_index"]
     if config["text_config"]["vocab_size"] > cfg.lm.vocab_size:  # a zero row for <image>: embedding, untied head
         for key in ("lm.shared.weight" if model.is_t5 else "lm.embed_tokens.weight", "lm.lm_head.weight"):
             table[key] = (None, [table[key]], lambda w: [torch.cat([w, w.new_zeros(1, w.size(1))])])
-    n = save_weights(model, os.path.join(folder, "model.safetensors"), table, drop)
+    n = save_weights(model, os.path.join(folder, "model.safetensors"), table)
     _write(folder, "config.json", config)
     _write(folder, "generation_config.json", _generation(config["text_config"]))
+    processor = "InstructBlipProcessor" if cfg.qformer.text else "Blip2Processor"
     if model.tokenizer is not None:
         save_tokenizer(model.tokenizer, folder, "t5" if model.is_t5 else "opt", index, cfg.vit.image_size,
-                       cfg.qformer.num_query_tokens)
-    dropped = ["the Q-Former's text branch"] if cfg.qformer.text else []
-    return _report("Blip2ForConditionalGeneration", folder, n, dropped)
+                       cfg.qformer.num_query_tokens, processor)
+    if cfg.qformer.text and model.qformer_tokenizer is not None:  # where InstructBlipProcessor looks for it
+        save_tokenizer(model.qformer_tokenizer, os.path.join(folder, "qformer_tokenizer"), "bert")
+    return _report(config["architectures"][0], folder, n)
 
 
 def export_stage1(model, folder, tokenizer=None):
@@ -252,7 +259,8 @@ def main(argv):
     """python -m nanoblip2.export <checkpoint> <out>: see the usage line."""
     if len(argv) != 2 or argv[0].startswith("-"):
         raise SystemExit("usage: python -m nanoblip2.export <checkpoint> <out>\n  <checkpoint>: our stage-1 or stage-2 "
-                         "checkpoint folder, or an HF BLIP-2 folder or Hub id; <out>: the HF folder to write")
+                         "checkpoint folder, or an HF BLIP-2 or InstructBLIP folder or Hub id; <out>: the HF folder "
+                         "to write")
     src, out = resolve(argv[0]), argv[1]
     d = read_config(src)
     if d.get("nanoblip2") == "stage1" or d.get("qformer_config", {}).get("use_qformer_text_input"):

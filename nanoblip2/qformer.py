@@ -1,6 +1,7 @@
 """
 The Querying Transformer (paper §3.1, Figure 2): a BERT-base encoder whose 32 learned queries read the image.
-Matches HF `Blip2QFormerModel` + `Blip2TextEmbeddings` (modeling_blip_2.py) and LAVIS `Qformer.py`.
+Matches HF `Blip2QFormerModel` + `Blip2TextEmbeddings` (modeling_blip_2.py), `InstructBlipQFormerModel` (the
+text branch reading an instruction) and LAVIS `Qformer.py`.
 
 Notable details
 - One sequence [queries; text] shares the self-attention layers; what sees what is decided only by the
@@ -42,7 +43,8 @@ class QFormerConfig:
 
     @classmethod
     def from_hf_blip2(cls, d):
-        """From a BLIP-2 config.json (its qformer_config; HF omits keys equal to its defaults, listed here)."""
+        """From a BLIP-2 or InstructBLIP config.json (its qformer_config; HF omits keys equal to its defaults, listed
+        here). InstructBLIP's Q-Former always has its text branch: it reads the instruction."""
         q = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                  cross_attention_frequency=2, vocab_size=30522, max_position_embeddings=512, layer_norm_eps=1e-12,
                  hidden_dropout_prob=0.1, use_qformer_text_input=False) | d.get("qformer_config", {})
@@ -50,7 +52,8 @@ class QFormerConfig:
                    mlp=q["intermediate_size"], vision_width=d.get("vision_config", {}).get("hidden_size", 1408),
                    num_query_tokens=d.get("num_query_tokens", 32), cross_attention_freq=q["cross_attention_frequency"],
                    vocab_size=q["vocab_size"], max_positions=q["max_position_embeddings"], eps=q["layer_norm_eps"],
-                   dropout=q["hidden_dropout_prob"], text=bool(q["use_qformer_text_input"]), lm_head=False)
+                   dropout=q["hidden_dropout_prob"], lm_head=False,
+                   text=bool(q["use_qformer_text_input"]) or d.get("model_type") == "instructblip")
 
     @classmethod
     def from_hf_bert(cls, d, vision_width, num_query_tokens=32, cross_attention_freq=2):
@@ -74,11 +77,14 @@ class QFormerConfig:
                     max_position_embeddings=self.max_positions, type_vocab_size=2, layer_norm_eps=self.eps,
                     pad_token_id=0)
 
-    def to_hf(self, text):
-        """The inverse of `from_hf_blip2`: a BLIP-2 qformer_config, with the text branch (retrieval) or without."""
+    def to_hf(self, text, instruct=False):
+        """The inverse of `from_hf_blip2`: a BLIP-2 qformer_config, with the text branch (retrieval) or without, or
+        InstructBLIP's (always with it, no flag)."""
         d = {k: v for k, v in self.to_hf_bert(dec=False).items() if k not in ("architectures", "type_vocab_size")}
-        return d | dict(model_type="blip_2_qformer", cross_attention_frequency=self.cross_attention_freq,
-                        encoder_hidden_size=self.vision_width, use_qformer_text_input=text)
+        d |= dict(cross_attention_frequency=self.cross_attention_freq, encoder_hidden_size=self.vision_width)
+        if instruct:
+            return d | dict(model_type="instructblip_qformer")
+        return d | dict(model_type="blip_2_qformer", use_qformer_text_input=text)
 
 
 PRESETS = {
@@ -221,12 +227,15 @@ class QFormer(nn.Module):
         return self.lm_head(hidden, self.word_embeddings.weight)
 
 
-def hf_keys(cfg):
+def hf_keys(cfg, instruct=False):
     """`load_weights` arguments for the Q-Former of a BLIP-2 folder: HF Blip2QFormerModel under qformer., and the
-    text embeddings of a Blip2ForImageTextRetrieval at the top level. Each entry of `both` is a .weight and a .bias."""
+    text embeddings of a Blip2ForImageTextRetrieval at the top level; instruct: InstructBlipQFormerModel, which holds
+    the text embeddings and their LayerNorm (ours: ln_embed) under qformer.embeddings. Each entry of `both` is a
+    .weight and a .bias."""
     L, X = "qformer.encoder.layer.{i}.", "qformer.encoder.layer.{i}.crossattention."
+    E = "qformer.embeddings." if instruct else "embeddings."
     both = {
-        "ln_embed": "qformer.layernorm",
+        "ln_embed": E + "layernorm" if instruct else "qformer.layernorm",
         "layers.{i}.attn.query": L + "attention.attention.query", "layers.{i}.attn.key": L + "attention.attention.key",
         "layers.{i}.attn.value": L + "attention.attention.value", "layers.{i}.attn.dense": L + "attention.output.dense",
         "layers.{i}.attn.ln": L + "attention.output.LayerNorm",
@@ -240,9 +249,10 @@ def hf_keys(cfg):
     }
     table = {f"{ours}.{p}": f"{hf}.{p}" for ours, hf in both.items() for p in ("weight", "bias")}
     if cfg.text:
-        table |= {"word_embeddings.weight": "embeddings.word_embeddings.weight",
-                  "position_embeddings.weight": "embeddings.position_embeddings.weight"}
-    return dict(table=table, ignore=[], fresh=[], canon=None)
+        table |= {"word_embeddings.weight": E + "word_embeddings.weight",
+                  "position_embeddings.weight": E + "position_embeddings.weight"}
+    # transformers never saves InstructBLIP's position_ids (a non-persistent buffer); a file converted elsewhere may
+    return dict(table=table, ignore=[E + "position_ids"] if instruct else [], fresh=[], canon=None)
 
 
 def bert_keys(cfg):

@@ -58,8 +58,24 @@ class Querying(nn.Module):
     def image_embeds(self, pixel_values):  # (B, 3, S, S) -> (B, N, Cv); no graph when the ViT is frozen
         return self.ln_vision(self.vit(pixel_values))
 
-    def queries(self, image):  # (B, N, Cv) -> query outputs (B, Q, C) and their self-attention K/V per layer
-        return self.qformer(query_embeds=self.query_tokens.expand(image.size(0), -1, -1), image=image)
+    def queries(self, image, input_ids=None, attention_mask=None):
+        """image (B, N, Cv) -> the query outputs (B, Q, C) and the self-attention K/V per layer. With text (B, T) (ITM,
+        or Figure 7's instruction), queries and text see each other (ITM's mask); only the query outputs are kept."""
+        Q = self.query_tokens.expand(image.size(0), -1, -1)
+        if input_ids is None:
+            return self.qformer(query_embeds=Q, image=image)
+        mask = qf.bidirectional_mask(Q.size(1), attention_mask)
+        h, kv = self.qformer(query_embeds=Q, input_ids=input_ids, image=image, mask=mask)
+        return h[:, :Q.size(1)], kv
+
+    def own_tensors(self, frozen):
+        """`load_weights`' table for our checkpoint folders: every tensor but the frozen prefixes' (read from their
+        sources); a ViT trained with the rest, saved in the folder, is read at this model's image size."""
+        table = {k: k for k in self.state_dict() if not k.startswith(frozen)}
+        if "vit." not in frozen:  # the position embedding interpolated, as at load time
+            n = (self.cfg.vit.image_size // self.cfg.vit.patch_size) ** 2
+            table["vit.pos_embed"] = (lambda t: vt.interpolate_pos_embed(t, n, self.cfg.vit.clip), ["vit.pos_embed"])
+        return table
 
     @staticmethod
     def hf_keys(cfg):
@@ -87,20 +103,17 @@ class Blip2Stage1(Querying):
         return F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
     def itm_from_embeds(self, image, input_ids, attention_mask):  # -> (B, 2)
-        Q = self.query_tokens.expand(image.size(0), -1, -1)
-        h, _ = self.qformer(query_embeds=Q, input_ids=input_ids, image=image,
-                            mask=qf.bidirectional_mask(Q.size(1), attention_mask))
-        return self.itm_head(h[:, :Q.size(1)]).mean(dim=1)
+        return self.itm_head(self.queries(image, input_ids, attention_mask)[0]).mean(dim=1)
 
     # --- training: the three stage-1 losses (§3.2, LAVIS blip2_qformer.py:90-275) ---------------------------
 
     def forward(self, pixel_values, input_ids, attention_mask, generator=None, image_ids=None, candidates=None,
-                itg=True):
+                itg=True, itc_queue=False):
         """pixel_values (B, 3, S, S); input_ids (B, T) = [CLS] caption [SEP], padded; generator: for the ITM negatives;
         image_ids (B,): samples of one image share an id, are ITC positives of each other and never ITM negatives
         (LAVIS's image_id branch; None: each sample its own image); candidates: earlier samples to draw them from
-        (NegativePool.items); itg: False leaves ITG out. -> loss = loss_itc + loss_itm + loss_itg (equal weights, as
-        LAVIS), the three, and `samples` for the pool."""
+        (NegativePool.items); itg: False leaves ITG out; itc_queue: the candidates are ITC's negatives too.
+        -> loss = loss_itc + loss_itm + loss_itg (equal weights, as LAVIS), the three, and `samples` for the pool."""
         if candidates is not None and image_ids is None:
             raise ValueError("candidates need the image_ids of the samples")
         with torch.no_grad():
@@ -117,7 +130,8 @@ class Blip2Stage1(Querying):
                        img_feats=img_feats, txt_feat=txt_feat)
 
         ###============== Image-text Contrastive ===================###
-        loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp, itc_ids)  # (B, G*B) both ways
+        queue = candidates if itc_queue else None
+        loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp, itc_ids, queue)  # (B, G*B) both ways
 
         ###============== Image-text Matching ===================###
         loss_itm = self.itm(image, samples, sim_i2t, sim_t2i, generator, candidates)
@@ -243,11 +257,7 @@ class Blip2Stage1(Querying):
         vit_src = d.get("frozen", {}).get("vit")
         if vit_src:
             load_weights(model.vit, resolve(vit_src), **vt.hf_keys(model.cfg.vit))
-        table = {k: k for k in model.state_dict() if not (vit_src and k.startswith("vit."))}
-        if not vit_src:  # the trained ViT's position embedding, at this image size
-            n = (cfg.vit.image_size // cfg.vit.patch_size) ** 2
-            table["vit.pos_embed"] = (lambda t: vt.interpolate_pos_embed(t, n, cfg.vit.clip), ["vit.pos_embed"])
-        load_weights(model, folder, table, fresh=["vit.*"] if vit_src else [])
+        load_weights(model, folder, model.own_tensors(("vit.",) if vit_src else ()), fresh=["vit.*"] if vit_src else [])
         return model.eval()
 
     @classmethod
@@ -272,23 +282,28 @@ class Blip2Stage1(Querying):
         return model
 
 
-def itc_loss(img_feats, txt_feat, temp, image_ids=None):
+def itc_loss(img_feats, txt_feat, temp, image_ids=None, extra=None):
     """Image-text contrastive loss: this rank's normalised img_feats (B, Q, D) and txt_feat (B, D) against every
     rank's, both ways; a pair's score is its best query. Deviation from LAVIS: the gather keeps gradients, so G ranks
     of B equal one process of G*B. image_ids (B,): LAVIS's image_id branch, every pair of the row's image is a
-    positive, sharing the 0.9 (with distinct ids, the cross-entropy below). -> the loss and the temp-scaled
-    similarities (B, G*B) both ways, for ITM."""
+    positive, sharing the 0.9 (with distinct ids, the cross-entropy below). extra (opt-in, needs image_ids): older
+    samples' detached "img_feats", "txt_feat" and "image_ids" (NegativePool.items) as more columns, a queue as in
+    BLIP-1 without its momentum encoder. -> the loss and the temp-scaled similarities (B, G*B) both ways, for ITM."""
     img_all, txt_all = gather(img_feats), gather(txt_feat)                            # (G*B, Q, D), (G*B, D)
-    sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B)
-    sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B)
+    n, ids_all = len(txt_all), None if image_ids is None else gather(image_ids)
+    if extra is not None:
+        img_all, txt_all = torch.cat([img_all, extra["img_feats"]]), torch.cat([txt_all, extra["txt_feat"]])
+        ids_all = torch.cat([ids_all, extra["image_ids"]])
+    sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B [+ M])
+    sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B [+ M])
     if image_ids is not None:  # soft targets: 0.9 * pos / pos.sum(1) + 0.1 / (G*B), label smoothing as LAVIS
-        pos = (image_ids[:, None] == gather(image_ids)[None, :]).float()             # (B, G*B)
+        pos = (image_ids[:, None] == ids_all[None, :]).float()                       # (B, G*B [+ M])
         targets = pos / pos.sum(dim=1, keepdim=True)
     else:
         targets = rank_rows(len(img_feats), sim_i2t.device)                          # the positives
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) +
             F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
-    return loss, sim_i2t, sim_t2i
+    return loss, sim_i2t[:, :n], sim_t2i[:, :n]
 
 
 def hard_negatives(sim, same, generator=None):
