@@ -230,13 +230,14 @@ class CaptionDataset(torch.utils.data.Dataset):
     """One sample per (image, caption) pair: (pixels (3, S, S), prompt + pre_caption(caption), index), or None if the
     image cannot be read. With `seed`, a sample's augmentation depends only on (seed, epoch, index), not on which
     worker loads it or when: a resumed run sees exactly the images it would have seen."""
+    kind = "caption"
 
     def __init__(self, ann_file, image_root, transform, max_words=50, prompt="", seed=None, captions_per_image=0):
         self.seed, self.epoch = seed, 0
         self.image_root = _image_root(image_root)
         self.transform, self.max_words, self.prompt = transform, max_words, prompt
-        self.samples = [(e["image"], c) for e in read_annotations(ann_file)  # (image, caption) pairs
-                        for c in entry_captions(e)[:captions_per_image or None]]  # > 0: the first ones only
+        self.samples = [(e["image"], c) for e in read_annotations(ann_file, self.kind)  # (image, text) pairs
+                        for c in self.texts(e)[:captions_per_image or None]]  # > 0: the first ones only
         ids = {}  # samples of one image share its id (ITM never pairs them as negatives)
         self.image_ids = torch.tensor([ids.setdefault(image, len(ids)) for image, _ in self.samples])
 
@@ -253,7 +254,24 @@ class CaptionDataset(torch.utils.data.Dataset):
             except ImageError as e:
                 warnings.warn(f"skipped: {e}", stacklevel=2)
                 return None
-        return pixels, self.prompt + pre_caption(caption, self.max_words), index
+            return pixels, self.text(caption), index  # in the fork: a VQA answer is drawn by the same seed
+
+    texts = staticmethod(entry_captions)  # an entry's texts
+
+    def text(self, caption):
+        return self.prompt + pre_caption(caption, self.max_words)
+
+
+class VQADataset(CaptionDataset):
+    """VQA fine-tuning: one sample per question of a {"image", "question", "answers"} file; its text is (question,
+    one of the human answers), drawn afresh each time by its frequency among them."""
+    kind = "vqa"
+
+    texts = staticmethod(lambda e: [(e["question"], [a for a in e["answers"] if a.strip()])])
+
+    def text(self, qa):
+        question, answers = qa
+        return question, answers[int(torch.randint(len(answers), ()))]  # uniform over the list = by frequency
 
 
 def collate(batch, tokenizer=None, max_length=32, padding="longest"):
@@ -293,11 +311,13 @@ def retrieval_index(captions):
 def opt_batch(tokenizer, captions, prompt="", max_length=32, num_queries=32):
     """OPT training text (LAVIS blip2_opt.py): BOS + prompt + " " + caption + "\n", right-padded. labels (B, Q + T) are
     -100 on the queries, on BOS + prompt when a prompt is set (with no prompt LAVIS trains the last query to predict
-    BOS), and on padding: the loss is on the caption and its "\n"."""
-    ids, mask = tokenizer([f"{prompt} {c}\n" if prompt else c + "\n" for c in captions], max_length=max_length)
+    BOS), and on padding: the loss is on the caption and its "\n". prompt: one for all, or one per caption (VQA)."""
+    prompts = [prompt] * len(captions) if isinstance(prompt, str) else prompt
+    ids, mask = tokenizer([f"{p} {c}\n" if p else c + "\n" for p, c in zip(prompts, captions)], max_length=max_length)
     labels = ids.masked_fill(mask == 0, -100)
-    if prompt:
-        labels[:, :len(tokenizer([prompt], truncation=False)[0][0])] = -100  # BOS + prompt tokens
+    for row, p in zip(labels, prompts):
+        if p:
+            row[:len(tokenizer([p], truncation=False)[0][0])] = -100  # BOS + prompt tokens
     labels = torch.cat([torch.full((len(captions), num_queries), -100), labels], dim=1)
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
@@ -313,9 +333,11 @@ def prefix_split(caption, generator=None):
 
 
 def t5_batch(tokenizer, captions, prompt=None, max_length=32, generator=None):
-    """FlanT5 training text: with a fixed prompt (captioning) the encoder reads the prompt and the target is the whole
-    caption; without, each caption is split into prefix and suffix. Both sides end with </s>; padding -> -100."""
-    pairs = [(prompt, c) if prompt is not None else prefix_split(c, generator) for c in captions]
+    """FlanT5 training text: with a prompt (captioning; one per caption for VQA) the encoder reads the prompt and the
+    target is the whole caption; without, each caption is split into prefix and suffix. Both sides end with </s>;
+    padding -> -100."""
+    prompts = [prompt] * len(captions) if prompt is None or isinstance(prompt, str) else prompt
+    pairs = [(p, c) if p is not None else prefix_split(c, generator) for p, c in zip(prompts, captions)]
     ids, mask = tokenizer([p for p, _ in pairs], max_length=max_length)
     out, out_mask = tokenizer([s for _, s in pairs], max_length=max_length)
     return dict(input_ids=ids, attention_mask=mask, labels=out.masked_fill(out_mask == 0, -100))

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import save_checkpoint
-from .data import CaptionDataset, ImageError, collate, eval_transform, pad_cat, train_transform
+from .data import CaptionDataset, ImageError, VQADataset, collate, eval_transform, pad_cat, train_transform
 from .evaluation import skipped_note
 from .load import reading
 
@@ -141,8 +141,9 @@ class Stream:
 
     def __init__(self, cfg, image_size, tokenizer, rank, world, epoch=0, batch_in_epoch=0):
         transform = (train_transform if cfg.augment else eval_transform)(image_size)
-        self.dataset = CaptionDataset(cfg.train_ann, cfg.image_root, transform, seed=cfg.seed,
-                                      captions_per_image=cfg.train_captions)
+        kind = VQADataset if getattr(cfg, "task", "caption") == "vqa" else CaptionDataset
+        self.dataset = kind(cfg.train_ann, cfg.image_root, transform, seed=cfg.seed,
+                            captions_per_image=cfg.train_captions)
         self.cfg, self.rank, self.world = cfg, rank, world
         self.collate = functools.partial(collate, tokenizer=tokenizer, max_length=cfg.max_txt_len, padding="max_length")
         self.epoch, self.batch_in_epoch, self.skipped = epoch, batch_in_epoch, 0

@@ -60,4 +60,4 @@ def test_shipped_config_files_parse(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # defines TrainConfig; main() runs only as __main__
     cfg = parse_args(module.TrainConfig(), [str(path)])
-    assert cfg.train_ann == "data/coco/train.json" and cfg.augment and cfg.out_dir != module.TrainConfig().out_dir
+    assert cfg.train_ann in ("data/coco/train.json", "data/vqav2/train.json") and cfg.augment and cfg.out_dir != module.TrainConfig().out_dir

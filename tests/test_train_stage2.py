@@ -22,7 +22,8 @@ def lms(tmp_path_factory, blip2_opt, blip2_t5):
 
 
 def train2(data, lm, out, *extra, vit=None, bert=None):
-    args = [sys.executable, os.path.join(ROOT, "train_stage2.py"), f"--lm={lm}", f"--train_ann={data / 'train.json'}",
+    args = [sys.executable, os.path.join(ROOT, "train_stage2.py"), f"--lm={lm}" if lm else "--log_interval=1",
+            f"--train_ann={data / 'train.json'}",
             f"--val_ann={data / 'val.json'}", f"--image_root={data / 'images'}", f"--out_dir={out}", "--image_size=28",
             "--batch_size=4", "--num_workers=0", "--warmup_steps=2", "--lr=1e-3", "--min_lr=1e-4", "--log_interval=1",
             "--eval_num_beams=2", "--eval_max_new_tokens=5", "--eval_max_images=4", "--test_ann=", "--augment=true",
