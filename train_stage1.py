@@ -69,7 +69,6 @@ class TrainConfig:
     grad_clip: float = 1.0                     # 0 = off
     itm_pool: int = 1024                       # ITM's hard negatives come from the batch and this rank's last N
                                                # samples (training.NegativePool); 0 = the batch only, as LAVIS
-    itc_queue: bool = False                    # the pool's features are ITC's negatives too (BLIP-1's queue)
     # evaluation, logging, checkpoints
     out_dir: str = "out/stage1"
     log_interval: int = 200
@@ -134,8 +133,7 @@ def main(cfg):
 
     def forward(model, b):  # ITC, ITM and ITG on a batch; ITM's hard negatives from it and from the pool
         return model(b["pixel_values"], b["input_ids"], b["attention_mask"], generator=negatives,
-                     image_ids=image_ids[b["index"]], candidates=None if pool is None else pool.items, itg=cfg.itg,
-                     itc_queue=cfg.itc_queue)
+                     image_ids=image_ids[b["index"]], candidates=None if pool is None else pool.items, itg=cfg.itg)
 
     def evaluate(ann):  # retrieval: ITC's top k_test re-ranked by ITM; i2t and t2i R@1/5/10
         return retrieval(raw, tok, ann, cfg.image_root, cfg.eval_k_test, cfg.eval_max_images, cfg.eval_captions)

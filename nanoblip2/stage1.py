@@ -108,12 +108,11 @@ class Blip2Stage1(Querying):
     # --- training: the three stage-1 losses (§3.2, LAVIS blip2_qformer.py:90-275) ---------------------------
 
     def forward(self, pixel_values, input_ids, attention_mask, generator=None, image_ids=None, candidates=None,
-                itg=True, itc_queue=False):
+                itg=True):
         """pixel_values (B, 3, S, S); input_ids (B, T) = [CLS] caption [SEP], padded; generator: for the ITM negatives;
         image_ids (B,): samples of one image share an id, are ITC positives of each other and never ITM negatives
         (LAVIS's image_id branch; None: each sample its own image); candidates: earlier samples to draw them from
-        (NegativePool.items); itg: False leaves ITG out; itc_queue: the candidates are ITC's negatives too.
-        -> loss = loss_itc + loss_itm + loss_itg (equal weights, as LAVIS), the three, and `samples` for the pool."""
+        (NegativePool.items); itg: False leaves ITG out. -> loss = loss_itc + loss_itm + loss_itg (equal weights, as LAVIS), the three, and `samples` for the pool."""
         if candidates is not None and image_ids is None:
             raise ValueError("candidates need the image_ids of the samples")
         with torch.no_grad():
@@ -130,8 +129,7 @@ class Blip2Stage1(Querying):
                        img_feats=img_feats, txt_feat=txt_feat)
 
         ###============== Image-text Contrastive ===================###
-        queue = candidates if itc_queue else None
-        loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp, itc_ids, queue)  # (B, G*B) both ways
+        loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp, itc_ids)  # (B, G*B) both ways
 
         ###============== Image-text Matching ===================###
         loss_itm = self.itm(image, samples, sim_i2t, sim_t2i, generator, candidates)
@@ -282,28 +280,22 @@ class Blip2Stage1(Querying):
         return model
 
 
-def itc_loss(img_feats, txt_feat, temp, image_ids=None, extra=None):
+def itc_loss(img_feats, txt_feat, temp, image_ids=None):
     """Image-text contrastive loss: this rank's normalised img_feats (B, Q, D) and txt_feat (B, D) against every
     rank's, both ways; a pair's score is its best query. Deviation from LAVIS: the gather keeps gradients, so G ranks
     of B equal one process of G*B. image_ids (B,): LAVIS's image_id branch, every pair of the row's image is a
-    positive, sharing the 0.9 (with distinct ids, the cross-entropy below). extra (opt-in, needs image_ids): older
-    samples' detached "img_feats", "txt_feat" and "image_ids" (NegativePool.items) as more columns, a queue as in
-    BLIP-1 without its momentum encoder. -> the loss and the temp-scaled similarities (B, G*B) both ways, for ITM."""
+    positive, sharing the 0.9 (with distinct ids, the cross-entropy below). -> the loss and the temp-scaled similarities (B, G*B) both ways, for ITM."""
     img_all, txt_all = gather(img_feats), gather(txt_feat)                            # (G*B, Q, D), (G*B, D)
-    n, ids_all = len(txt_all), None if image_ids is None else gather(image_ids)
-    if extra is not None:
-        img_all, txt_all = torch.cat([img_all, extra["img_feats"]]), torch.cat([txt_all, extra["txt_feat"]])
-        ids_all = torch.cat([ids_all, extra["image_ids"]])
-    sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B [+ M])
-    sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B [+ M])
+    sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B)
+    sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B)
     if image_ids is not None:  # soft targets: 0.9 * pos / pos.sum(1) + 0.1 / (G*B), label smoothing as LAVIS
-        pos = (image_ids[:, None] == ids_all[None, :]).float()                       # (B, G*B [+ M])
+        pos = (image_ids[:, None] == gather(image_ids)[None, :]).float()             # (B, G*B)
         targets = pos / pos.sum(dim=1, keepdim=True)
     else:
         targets = rank_rows(len(img_feats), sim_i2t.device)                          # the positives
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) +
             F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
-    return loss, sim_i2t[:, :n], sim_t2i[:, :n]
+    return loss, sim_i2t, sim_t2i
 
 
 def hard_negatives(sim, same, generator=None):
