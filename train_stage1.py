@@ -69,6 +69,7 @@ class TrainConfig:
     grad_clip: float = 1.0                     # 0 = off
     itm_pool: int = 1024                       # ITM's hard negatives come from the batch and this rank's last N
                                                # samples (training.NegativePool); 0 = the batch only, as LAVIS
+    temp_max: float = 0.5                      # ITC's temperature is clamped to [0.001, temp_max] (BLIP-1: 0.5)
     # evaluation, logging, checkpoints
     out_dir: str = "out/stage1"
     log_interval: int = 200
@@ -122,6 +123,7 @@ def main(cfg):
     pool = NegativePool(cfg.itm_pool) if cfg.itm_pool > 0 else None                 # more candidates for them
     step, epoch, batch_in_epoch = (resume(src, optimizer, negatives, rank, pool) if cfg.init_from == "resume"
                                    else (0, 0, 0))
+    model.temp_max = cfg.temp_max
     raw, model = model, wrap(model, cfg, ddp)
     if master:
         print(f"stage 1: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, ViT "

@@ -94,6 +94,7 @@ class Blip2Stage1(Querying):
         self.text_proj = nn.Linear(cfg.qformer.width, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.qformer.width, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
+        self.temp_max = 0.5  # BLIP-1's clamp (train_stage1.py --temp_max)
 
     def image_feats(self, image):  # (B, N, Cv) -> normalised per-query features (B, Q, D)
         return F.normalize(self.vision_proj(self.queries(image)[0]), dim=-1)
@@ -116,7 +117,7 @@ class Blip2Stage1(Querying):
         if candidates is not None and image_ids is None:
             raise ValueError("candidates need the image_ids of the samples")
         with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)  # Deviation from LAVIS: clamped as in BLIP-1 (and kept out of weight decay)
+            self.temp.clamp_(0.001, self.temp_max)  # Deviation from LAVIS: clamped as in BLIP-1 (and kept out of weight decay)
         itc_ids = image_ids  # None: ITC's positives are the diagonal, as LAVIS without image ids
         if image_ids is None:  # each sample its own image, numbered over all ranks
             image_ids = rank_rows(len(input_ids), input_ids.device)

@@ -55,6 +55,17 @@ def test_itc_with_random_features_is_log_b():
         assert abs(loss.item() - math.log(B)) < 0.05 * math.log(B)
 
 
+def test_temp_is_clamped_to_temp_max():
+    model = tiny_model().train()
+    px, ids, mask = batch()
+    for value, cap, want in ((0.3, 0.5, 0.3), (0.3, 0.07, 0.07), (1e-5, 0.07, 0.001)):
+        with torch.no_grad():
+            model.temp.fill_(value)
+        model.temp_max = cap
+        model(px, ids, mask, torch.Generator().manual_seed(0))
+        assert abs(model.temp.item() - want) < 1e-7, (value, cap, model.temp.item())
+
+
 def test_hard_negatives_never_pick_a_pair_of_the_same_image():
     g = torch.Generator().manual_seed(0)
     B, G = 6, 3
