@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
     "data/shapes/prepare.py": ["--train=1000", "--val=40", "--test=100", "--vit_steps=150", "--bert_steps=40",
                                "--opt_steps=80", "--opt_copy=0", "--pretrain_batch=32", "--models=vit,bert,opt,t5",
-                               "--t5_steps=40"],
+                               "--t5_steps=40", "--t5_copy=0"],
     "train_stage1.py": ["--max_steps=60", "--batch_size=32", "--lr=1e-3", "--warmup_steps=5", "--eval_interval=60",
                         "--log_interval=10", "--num_workers=0"],
     "train_stage2.py": ["--max_steps=60", "--batch_size=32", "--lr=1e-3", "--warmup_steps=5", "--eval_interval=60",
