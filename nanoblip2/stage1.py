@@ -113,11 +113,12 @@ class Blip2Stage1(Querying):
         """pixel_values (B, 3, S, S); input_ids (B, T) = [CLS] caption [SEP], padded; generator: for the ITM negatives;
         image_ids (B,): samples of one image share an id, are ITC positives of each other and never ITM negatives
         (LAVIS's image_id branch; None: each sample its own image); candidates: earlier samples to draw them from
-        (NegativePool.items); itg: False leaves ITG out. -> loss = loss_itc + loss_itm + loss_itg (equal weights, as LAVIS), the three, and `samples` for the pool."""
+        (NegativePool.items); itg: False leaves ITG out. -> loss = loss_itc + loss_itm + loss_itg (equal weights, as
+        LAVIS), the three, and `samples` for the pool."""
         if candidates is not None and image_ids is None:
             raise ValueError("candidates need the image_ids of the samples")
         with torch.no_grad():
-            self.temp.clamp_(0.001, self.temp_max)  # Deviation from LAVIS: clamped as in BLIP-1 (and kept out of weight decay)
+            self.temp.clamp_(0.001, self.temp_max)  # Deviation from LAVIS: clamped as BLIP-1 (no weight decay)
         itc_ids = image_ids  # None: ITC's positives are the diagonal, as LAVIS without image ids
         if image_ids is None:  # each sample its own image, numbered over all ranks
             image_ids = rank_rows(len(input_ids), input_ids.device)
@@ -285,7 +286,8 @@ def itc_loss(img_feats, txt_feat, temp, image_ids=None):
     """Image-text contrastive loss: this rank's normalised img_feats (B, Q, D) and txt_feat (B, D) against every
     rank's, both ways; a pair's score is its best query. Deviation from LAVIS: the gather keeps gradients, so G ranks
     of B equal one process of G*B. image_ids (B,): LAVIS's image_id branch, every pair of the row's image is a
-    positive, sharing the 0.9 (with distinct ids, the cross-entropy below). -> the loss and the temp-scaled similarities (B, G*B) both ways, for ITM."""
+    positive, sharing the 0.9 (with distinct ids, the cross-entropy below). -> the loss and the temp-scaled
+    similarities (B, G*B) both ways, for ITM."""
     img_all, txt_all = gather(img_feats), gather(txt_feat)                            # (G*B, Q, D), (G*B, D)
     sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B)
     sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B)

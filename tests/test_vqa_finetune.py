@@ -54,7 +54,8 @@ def vqa_files(data):
         _, colour, shape = e["caption"][0].split()
         qa += [{"image": e["image"], "question": "what colour is it?", "answers": [colour] * 9 + ["grey"],
                 "type": "colour"},
-               {"image": e["image"], "question": "what shape is it?", "answers": [shape] * 9 + ["blob"], "type": "shape"}]
+               {"image": e["image"], "question": "what shape is it?", "answers": [shape] * 9 + ["blob"],
+                "type": "shape"}]
     (data / "vqa.json").write_text(json.dumps(qa))
     return data / "vqa.json"
 
