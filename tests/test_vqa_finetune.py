@@ -101,6 +101,8 @@ def test_vqa_finetuning_from_stage2(qformer_text, data, lms, itm_folder, tmp_pat
     model = Blip2.from_pretrained(str(ckpt))
     assert (model.qformer_tokenizer is not None) is qformer_text
     assert len(model.answer(torch.zeros(1, 3, 28, 28), ["what colour is it?"], max_new_tokens=3)) == 1
+    bigger = Blip2.from_pretrained(str(ckpt), image_size=35)  # fine-tuning at another size: positions interpolated
+    assert bigger.vit.pos_embed.shape == (1, 26, 48) and bigger.cfg.vit.image_size == 35
     # resume at step 15 gives steps 16-18 as the uninterrupted run had them
     cut = ["--lr_decay_steps=30", "--eval_interval=15", *flags]
     train2(data, None, tmp_path / "cut", "--max_steps=15", *cut)
