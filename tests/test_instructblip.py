@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import CAPTIONS, QFORMER, VISION, pixels, randomize, save, text_batch
-from test_export import close, hf_ids, same_state
+from test_export import close, hf_ids, one_thread, same_state  # noqa: F401  (one_thread: an autouse fixture)
 
 from nanoblip2 import Blip2
 from nanoblip2.export import export_blip2, main
@@ -17,14 +17,6 @@ from nanoblip2.load import CheckpointError, read_config
 transformers = pytest.importorskip("transformers")
 Q = 5  # queries in the tiny models
 PROMPTS = ["", "a photo of", "question: which city is this? answer:"]  # three lengths: padded LM prompts
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def save_qformer_tokenizer(folder):
