@@ -137,7 +137,8 @@ def main(cfg):
     if cfg.init_from == "resume":
         src = checkpoint_folder(ckpt_dir)
         model = Blip2.from_pretrained(src, device=cfg.device).train()
-        frozen, qformer_tokenizer = read_config(src)["frozen"], read_config(src).get("qformer_tokenizer")
+        d = read_config(src)
+        frozen, qformer_tokenizer = d["frozen"], d.get("qformer_tokenizer")
     else:
         model, frozen, qformer_tokenizer = start(cfg)
     fingerprints = {k: fingerprint(resolve(v)) for k, v in frozen.items() if v}  # loading checks them
