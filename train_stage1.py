@@ -69,7 +69,10 @@ class TrainConfig:
     grad_clip: float = 1.0                     # 0 = off
     itm_pool: int = 1024                       # ITM's hard negatives come from the batch and this rank's last N
                                                # samples (training.NegativePool); 0 = the batch only, as LAVIS
-    temp_max: float = 0.5                      # ITC's temperature is clamped to [0.001, temp_max] (BLIP-1: 0.5)
+    temp_max: float = 0.07                     # ITC's temperature is clamped to [0.001, temp_max]: at most its
+                                               # start here (steadier over seeds), BLIP-1's 0.5 in the coco configs
+    itc_pool: bool = True                      # ITC also against ITM's negatives from the pool, their features
+                                               # recomputed (no pool: no effect)
     # evaluation, logging, checkpoints
     out_dir: str = "out/stage1"
     log_interval: int = 200
@@ -123,7 +126,7 @@ def main(cfg):
     pool = NegativePool(cfg.itm_pool) if cfg.itm_pool > 0 else None                 # more candidates for them
     step, epoch, batch_in_epoch = (resume(src, optimizer, negatives, rank, pool) if cfg.init_from == "resume"
                                    else (0, 0, 0))
-    model.temp_max = cfg.temp_max
+    model.temp_max, model.itc_pool = cfg.temp_max, cfg.itc_pool
     raw, model = model, wrap(model, cfg, ddp)
     if master:
         print(f"stage 1: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, ViT "

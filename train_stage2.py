@@ -44,6 +44,7 @@ class TrainConfig:
                                                # on one answer per question (drawn by frequency) after the prompt
     train_ann: str = "data/shapes/train.json"
     val_ann: str = "data/shapes/val.json"      # captioned every eval_interval steps; "" for none
+    val_vqa_ann: str = ""                      # with task=caption: also zero-shot VQA on it then (Figure 5)
     test_ann: str = "data/shapes/test.json"    # captioned once, at the end; "" for none
     image_root: str = "data/shapes/images"
     image_size: int = 0                        # 0 = the ViT's own or init_from's (fine-tuning: 364); not with resume
@@ -174,13 +175,18 @@ def main(cfg):
         text |= raw.qformer_text(prompts)  # Figure 7: the Q-Former reads the prompt too
         return model(b["pixel_values"], {k: v.to(cfg.device) for k, v in text.items()})
 
+    def answer(ann):  # the paper's VQA generation settings (Blip2.answer), accuracy per question type
+        metrics, answers, skipped = vqa(raw, ann, cfg.image_root, cfg.eval_num_beams, cfg.eval_max_images)
+        by_type = {f"acc_{t}": v for t, v in metrics["by_type"].items()}
+        return {"accuracy": metrics["accuracy"]} | by_type, skipped, f"first answer: {answers[0]['answer']!r}"
+
     def evaluate(ann):  # captions (beam search) scored by CIDEr and BLEU, in the shapes world also how true they are
-        if cfg.task == "vqa":  # the paper's VQA generation settings (Blip2.answer), accuracy per question type
-            metrics, answers, skipped = vqa(raw, ann, cfg.image_root, cfg.eval_num_beams, cfg.eval_max_images)
-            by_type = {f"acc_{t}": v for t, v in metrics["by_type"].items()}
-            return {"accuracy": metrics["accuracy"]} | by_type, skipped, f"first answer: {answers[0]['answer']!r}"
+        if cfg.task == "vqa":
+            return answer(ann)
         metrics, captions, skipped = captioning(raw, ann, cfg.image_root, cfg.prompt, cfg.eval_num_beams,
                                                 cfg.eval_max_new_tokens, cfg.eval_max_images)
+        if cfg.val_vqa_ann and ann == cfg.val_ann:  # zero-shot: the model was never trained on questions
+            metrics |= {f"vqa_{k}": v for k, v in answer(cfg.val_vqa_ann)[0].items()}
         return metrics, skipped, f"first caption: {captions[0]['caption']!r}"
 
     # --- the loop -----------------------------------------------------------------------------------------------

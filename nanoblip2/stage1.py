@@ -8,8 +8,9 @@ Notable details
 - `ln_vision` (HF `vision_model.post_layernorm`) normalises the frozen ViT's output and is trained with the
   Q-Former. Its eps is read from the checkpoint (HF 1e-6); a fresh one uses LAVIS's 1e-5.
 - The losses follow LAVIS, with two deviations stated where they happen (docs/reference.md): `temp` is clamped,
-  and the ITC gather across GPUs keeps its gradients. Opt-in: extra `candidates` for ITM's hard negatives, for
-  batches far smaller than the paper's, kept by the loop (`training.NegativePool`), not the model.
+  and the ITC gather across GPUs keeps its gradients. Opt-in, for batches far smaller than the paper's: extra
+  `candidates` for ITM's hard negatives, kept by the loop (`training.NegativePool`), not the model; with
+  `itc_pool`, the ones ITM drew from there are ITC negatives too, their features recomputed (`fresh_feats`).
 - ITC similarity: the max over the 32 queries of the cosine of the query's and the text [CLS]'s projected
   features (divided by `temp` only when training). ITM logits: the 2-way head averaged over the 32 query outputs.
 - HF retrieval checkpoints have no ITG head, so a model loaded from one has `qformer.lm_head = None`.
@@ -95,6 +96,7 @@ class Blip2Stage1(Querying):
         self.itm_head = nn.Linear(cfg.qformer.width, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
         self.temp_max = 0.5  # BLIP-1's clamp (train_stage1.py --temp_max)
+        self.itc_pool = False  # ITC also against ITM's negatives from the candidates (train_stage1.py --itc_pool)
 
     def image_feats(self, image):  # (B, N, Cv) -> normalised per-query features (B, Q, D)
         return F.normalize(self.vision_proj(self.queries(image)[0]), dim=-1)
@@ -134,7 +136,9 @@ class Blip2Stage1(Querying):
         loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp, itc_ids)  # (B, G*B) both ways
 
         ###============== Image-text Matching ===================###
-        loss_itm = self.itm(image, samples, sim_i2t, sim_t2i, generator, candidates)
+        loss_itm, picked = self.itm(image, samples, sim_i2t, sim_t2i, generator, candidates)
+        if self.itc_pool and candidates is not None:  # ITC again, ITM's negatives from the pool as more columns
+            loss_itc = itc_loss(img_feats, txt_feat, self.temp, image_ids, self.fresh_feats(candidates, *picked))[0]
 
         ###============== Image Captioning ===================###
         out = dict(loss=loss_itc + loss_itm, loss_itc=loss_itc, loss_itm=loss_itm, samples=samples)
@@ -169,7 +173,15 @@ class Blip2Stage1(Querying):
         ids = pad_cat(input_ids, input_ids, ids_all[neg_txt])
         masks = pad_cat(attention_mask, attention_mask, mask_all[neg_txt])
         labels = torch.tensor([1] * len(own) + [0] * 2 * len(own), device=ids.device)
-        return F.cross_entropy(self.itm_from_embeds(images, ids, masks), labels)
+        picked = [torch.unique(i[i >= n] - n) for i in (neg_img, neg_txt)]  # the candidates' rows among them
+        return F.cross_entropy(self.itm_from_embeds(images, ids, masks), labels), picked
+
+    def fresh_feats(self, p, img_rows, txt_rows):
+        """ITC features of candidates' images and texts, computed with today's weights (a stored feature is up to
+        pool / batch steps old) -> itc_loss's `extra`."""
+        img = F.normalize(self.vision_proj(self.queries(self.ln_vision(p["vit"][img_rows]))[0]), dim=-1)
+        txt = self.text_feat(p["input_ids"][txt_rows], p["attention_mask"][txt_rows])
+        return img, p["image_ids"][img_rows], txt, p["image_ids"][txt_rows]
 
     def itg(self, input_ids, attention_mask, past):
         """Caption the image, [CLS] -> [DEC]: the text sees the queries (through their cached K/V) and its past."""
@@ -282,23 +294,31 @@ class Blip2Stage1(Querying):
         return model
 
 
-def itc_loss(img_feats, txt_feat, temp, image_ids=None):
+def itc_loss(img_feats, txt_feat, temp, image_ids=None, extra=None):
     """Image-text contrastive loss: this rank's normalised img_feats (B, Q, D) and txt_feat (B, D) against every
     rank's, both ways; a pair's score is its best query. Deviation from LAVIS: the gather keeps gradients, so G ranks
     of B equal one process of G*B. image_ids (B,): LAVIS's image_id branch, every pair of the row's image is a
-    positive, sharing the 0.9 (with distinct ids, the cross-entropy below). -> the loss and the temp-scaled
+    positive, sharing the 0.9 (with distinct ids, the cross-entropy below). extra: (images (M, Q, D), their ids, texts
+    (M', D), their ids), more columns for this rank's rows (Blip2Stage1.fresh_feats). -> the loss and the temp-scaled
     similarities (B, G*B) both ways, for ITM."""
     img_all, txt_all = gather(img_feats), gather(txt_feat)                            # (G*B, Q, D), (G*B, D)
     sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B)
     sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B)
-    if image_ids is not None:  # soft targets: 0.9 * pos / pos.sum(1) + 0.1 / (G*B), label smoothing as LAVIS
-        pos = (image_ids[:, None] == gather(image_ids)[None, :]).float()             # (B, G*B)
-        targets = pos / pos.sum(dim=1, keepdim=True)
-    else:
-        targets = rank_rows(len(img_feats), sim_i2t.device)                          # the positives
-    loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) +
-            F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
-    return loss, sim_i2t, sim_t2i
+    ce = lambda i2t, t2i, t, t_t2i: (F.cross_entropy(i2t, t, label_smoothing=0.1) +
+                                     F.cross_entropy(t2i, t_t2i, label_smoothing=0.1)) / 2
+    if image_ids is None:  # the positives: the diagonal
+        targets = rank_rows(len(img_feats), sim_i2t.device)
+        return ce(sim_i2t, sim_t2i, targets, targets), sim_i2t, sim_t2i
+    i2t, t2i, txt_ids = sim_i2t, sim_t2i, gather(image_ids)
+    img_ids = txt_ids
+    if extra is not None:
+        img_x, x_img_ids, txt_x, x_txt_ids = extra
+        i2t = torch.cat([i2t, torch.einsum("bqd,td->bqt", img_feats, txt_x).amax(dim=1) / temp], 1)
+        t2i = torch.cat([t2i, torch.einsum("bd,iqd->biq", txt_feat, img_x).amax(dim=2) / temp], 1)
+        txt_ids, img_ids = torch.cat([txt_ids, x_txt_ids]), torch.cat([img_ids, x_img_ids])
+    # soft targets: 0.9 * pos / pos.sum(1) + 0.1 / columns, label smoothing as LAVIS
+    soft = lambda cols: (pos := (image_ids[:, None] == cols[None, :]).float()) / pos.sum(dim=1, keepdim=True)
+    return ce(i2t, t2i, soft(txt_ids), soft(img_ids)), sim_i2t, sim_t2i
 
 
 def hard_negatives(sim, same, generator=None):

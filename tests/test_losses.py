@@ -170,6 +170,50 @@ def test_negative_pool_adds_the_last_samples_as_itm_candidates():
         model(px1, ids1, mask1, candidates=pool.items)
 
 
+def soft_ce(logits, pos, eps=0.1):
+    """Cross-entropy against targets spread evenly over each row's positives, label-smoothed, written out."""
+    target = (1 - eps) * pos / pos.sum(1, keepdim=True) + eps / pos.size(1)
+    return -(target * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def test_itc_pool_adds_itms_pool_negatives_as_fresh_columns():
+    model = tiny_model().train()
+    model.itc_pool = True
+    (px1, ids1, mask1), (px2, ids2, mask2) = batch(seed=1), batch(seed=2)
+    ids_img1, ids_img2 = torch.tensor([10, 11, 12, 13]), torch.tensor([20, 21, 11, 22])  # image 11 in both
+    pool = NegativePool(size=4)
+    pool.push(**model(px1, ids1, mask1, image_ids=ids_img1)["samples"])
+    pool.buffers["img_feats"] = pool.buffers["img_feats"].flip(0)  # stale: they choose, the columns are fresh
+    with torch.no_grad():
+        image, img, txt = features(model, torch.cat([px2, px1]), torch.cat([ids2, ids1]), torch.cat([mask2, mask1]))
+        stale = torch.cat([img[:4], pool.buffers["img_feats"]])
+        same = ids_img2[:, None] == torch.cat([ids_img2, ids_img1])[None, :]
+        all_ids = torch.cat([ids_img2, ids_img1])
+    extra = 0
+    for seed in range(6):
+        out = model(px2, ids2, mask2, generator=torch.Generator().manual_seed(seed), image_ids=ids_img2,
+                    candidates=pool.items)
+        g = torch.Generator().manual_seed(seed)
+        neg_img = hard_negatives(torch.einsum("iqd,td->iqt", stale, txt[:4]).amax(1).T / 0.07, same, g)
+        neg_txt = hard_negatives(torch.einsum("iqd,td->iqt", img[:4], txt).amax(1) / 0.07, same, g)
+        cols_img = list(range(4)) + sorted({i for i in neg_img.tolist() if i >= 4})   # fresh features of the pool's
+        cols_txt = list(range(4)) + sorted({i for i in neg_txt.tolist() if i >= 4})
+        extra += len(cols_img) + len(cols_txt) - 8
+        with torch.no_grad():
+            i2t = torch.einsum("iqd,td->iqt", img[:4], txt[cols_txt]).amax(1) / 0.07
+            t2i = torch.einsum("iqd,td->iqt", img[cols_img], txt[:4]).amax(1).T / 0.07
+            pos = lambda cols: (ids_img2[:, None] == all_ids[cols][None, :]).float()
+            want = (soft_ce(i2t, pos(cols_txt)) + soft_ce(t2i, pos(cols_img))) / 2
+        assert abs(out["loss_itc"].item() - want.item()) < 1e-5, seed
+    assert extra > 4
+    model.itc_pool = False  # off: ITC over the batch only
+    out = model(px2, ids2, mask2, generator=torch.Generator().manual_seed(0), image_ids=ids_img2, candidates=pool.items)
+    with torch.no_grad():
+        sim = torch.einsum("iqd,td->iqt", img[:4], txt[:4]).amax(1) / 0.07
+        want = (soft_ce(sim, pos(list(range(4)))) + soft_ce(sim.T, pos(list(range(4))))) / 2
+    assert abs(out["loss_itc"].item() - want.item()) < 1e-5
+
+
 def test_gradients_reach_the_trainable_parts_only():
     model = tiny_model()
     px, ids, mask = batch()

@@ -1,6 +1,7 @@
 """VQA fine-tuning (paper §4.3, Figure 7): the labels on the answer only, the answer drawn by its frequency, and
 train_stage2.py --task=vqa from a stage-2 checkpoint, the question given to the Q-Former."""
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -11,6 +12,7 @@ from test_train_stage2 import lms, train2  # noqa: F401  (lms is a fixture)
 
 from nanoblip2 import Blip2
 from nanoblip2.data import VQADataset, eval_transform, opt_batch, t5_batch
+from nanoblip2.evaluation import vqa
 
 Q = 5
 
@@ -110,3 +112,16 @@ def test_vqa_finetuning_from_stage2(qformer_text, data, lms, itm_folder, tmp_pat
                             "--val_ann=", "--task=vqa", f"--train_ann={ann}", "--freeze_vit=false", "--lr=3e-3"))
     assert sorted(resumed) == [16, 17, 18]
     assert all(abs(resumed[s] - full[s]) < 1e-5 for s in resumed), (resumed, full)
+
+
+def test_caption_training_reports_zero_shot_vqa(data, lms, itm_folder, tmp_path):
+    """--val_vqa_ann (Figure 5): each val evaluation of caption training also answers the questions zero-shot, as
+    the checkpoint saved at that step answers them."""
+    ann = vqa_files(data)
+    log = train2(data, lms / "opt", tmp_path / "s2", "--max_steps=3", "--eval_interval=3", f"--val_vqa_ann={ann}",
+                 "--eval_max_images=6", vit=itm_folder[0], bert=data / "bert")
+    line = next(x for x in log.splitlines() if x.startswith("eval val step 3 |"))
+    assert "CIDEr" in line and "vqa_acc_colour" in line and "vqa_acc_shape" in line, line
+    model = Blip2.from_pretrained(str(tmp_path / "s2" / "ckpt"))
+    metrics, _, _ = vqa(model, ann, data / "images", num_beams=2, max_questions=6)
+    assert abs(metrics["accuracy"] - float(re.search(r"vqa_accuracy ([0-9.]+)", line).group(1))) < 1e-4
