@@ -173,14 +173,17 @@ class Blip2Stage1(Querying):
         ids = pad_cat(input_ids, input_ids, ids_all[neg_txt])
         masks = pad_cat(attention_mask, attention_mask, mask_all[neg_txt])
         labels = torch.tensor([1] * len(own) + [0] * 2 * len(own), device=ids.device)
-        picked = [torch.unique(i[i >= n] - n) for i in (neg_img, neg_txt)]  # the candidates' rows among them
+        use = self.itc_pool and p is not None  # the pool's rows among the negatives, for ITC (forward)
+        picked = [torch.unique(i[i >= n] - n) for i in (neg_img, neg_txt)] if use else None
         return F.cross_entropy(self.itm_from_embeds(images, ids, masks), labels), picked
 
     def fresh_feats(self, p, img_rows, txt_rows):
         """ITC features of candidates' images and texts, computed with today's weights (a stored feature is up to
         pool / batch steps old) -> itc_loss's `extra`."""
-        img = F.normalize(self.vision_proj(self.queries(self.ln_vision(p["vit"][img_rows]))[0]), dim=-1)
-        txt = self.text_feat(p["input_ids"][txt_rows], p["attention_mask"][txt_rows])
+        img = (F.normalize(self.vision_proj(self.queries(self.ln_vision(p["vit"][img_rows]))[0]), dim=-1)
+               if len(img_rows) else p["img_feats"][:0])  # none drawn from the pool: no pass over 0 rows
+        txt = (self.text_feat(p["input_ids"][txt_rows], p["attention_mask"][txt_rows]) if len(txt_rows)
+               else p["txt_feat"][:0])
         return img, p["image_ids"][img_rows], txt, p["image_ids"][txt_rows]
 
     def itg(self, input_ids, attention_mask, past):
