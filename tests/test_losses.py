@@ -214,6 +214,21 @@ def test_itc_pool_adds_itms_pool_negatives_as_fresh_columns():
     assert abs(out["loss_itc"].item() - want.item()) < 1e-5
 
 
+def test_itc_pool_with_no_pool_negatives_changes_nothing():
+    """A step whose negatives all came from the batch: no Q-Former pass over 0 rows, the ITC of the batch alone."""
+    model = tiny_model().train()
+    px, ids, mask = batch(seed=1)
+    pool = NegativePool(size=4)
+    pool.push(**model(px, ids, mask, image_ids=torch.arange(4))["samples"])
+    none = torch.tensor([], dtype=torch.long)
+    extra = model.fresh_feats(pool.items, none, none)
+    assert extra[0].shape == (0, 5, 16) and extra[2].shape == (0, 16)
+    img, txt = pool.items["img_feats"], pool.items["txt_feat"]
+    ids4 = torch.tensor([7, 8, 9, 10])
+    t = torch.tensor(0.07)
+    assert torch.equal(itc_loss(img, txt, t, ids4, extra)[0], itc_loss(img, txt, t, ids4)[0])
+
+
 def test_gradients_reach_the_trainable_parts_only():
     model = tiny_model()
     px, ids, mask = batch()
