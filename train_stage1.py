@@ -72,7 +72,9 @@ class TrainConfig:
     temp_max: float = 0.07                     # ITC's temperature is clamped to [0.001, temp_max]: at most its
                                                # start here (steadier over seeds), BLIP-1's 0.5 in the coco configs
     itc_pool: bool = True                      # ITC also against ITM's negatives from the pool, their features
-                                               # recomputed (no pool: no effect)
+                                               # recomputed (no pool: no effect) ...
+    itc_pool_after: int = 800                  # ... from this step on; before, ITC on the batch only (from step 0
+                                               # ITC sat at chance for hundreds of steps, and seeds spread wider)
     # evaluation, logging, checkpoints
     out_dir: str = "out/stage1"
     log_interval: int = 200
@@ -126,7 +128,7 @@ def main(cfg):
     pool = NegativePool(cfg.itm_pool) if cfg.itm_pool > 0 else None                 # more candidates for them
     step, epoch, batch_in_epoch = (resume(src, optimizer, negatives, rank, pool) if cfg.init_from == "resume"
                                    else (0, 0, 0))
-    model.temp_max, model.itc_pool = cfg.temp_max, cfg.itc_pool
+    model.temp_max = cfg.temp_max
     raw, model = model, wrap(model, cfg, ddp)
     if master:
         print(f"stage 1: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, ViT "
@@ -147,6 +149,7 @@ def main(cfg):
     t0, seen = time.time(), 0
     while step < cfg.max_steps:
         lr = get_lr(step, cfg)
+        raw.itc_pool = cfg.itc_pool and step >= cfg.itc_pool_after
         out, n = train_step(model, optimizer, params, stream, cfg, lr, forward, pool)
         step += 1
         seen += n * world

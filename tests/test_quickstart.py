@@ -12,10 +12,8 @@ SMALL = {
     "data/shapes/prepare.py": ["--train=1000", "--val=40", "--test=100", "--vit_steps=150", "--bert_steps=40",
                                "--opt_steps=80", "--opt_copy=0", "--pretrain_batch=32", "--models=vit,bert,opt,t5",
                                "--t5_steps=40", "--t5_copy=0"],
-    # --itc_pool=false: ITC against the pool's hard negatives sits at chance for its first steps (measured here: ITC
-    # loss at log(columns) through 60 steps, test R@1 1%), which the full run outgrows and 60 steps do not
     "train_stage1.py": ["--max_steps=60", "--batch_size=32", "--lr=1e-3", "--warmup_steps=5", "--eval_interval=60",
-                        "--log_interval=10", "--num_workers=0", "--itc_pool=false"],
+                        "--log_interval=10", "--num_workers=0"],  # (ITC meets the pool's negatives from step 800)
     "train_stage2.py": ["--max_steps=60", "--batch_size=32", "--lr=1e-3", "--warmup_steps=5", "--eval_interval=60",
                         "--log_interval=10", "--num_workers=0", "--eval_num_beams=1", "--eval_max_images=50"],
 }

@@ -92,6 +92,14 @@ def test_resume_reproduces_the_next_steps(data, itm_folder, tmp_path):
         assert abs(resumed[step] - full[step]) < 1e-5, (step, resumed[step], full[step])
 
 
+def test_itc_pool_joins_after_its_warm_up(data, itm_folder, tmp_path):
+    common = ["--max_steps=6", "--eval_interval=6", "--itm_pool=64"]
+    off = losses(train(data, itm_folder, tmp_path / "off", "--itc_pool=false", *common))
+    late = losses(train(data, itm_folder, tmp_path / "late", "--itc_pool_after=3", *common))
+    assert [late[s] for s in (1, 2, 3)] == [off[s] for s in (1, 2, 3)], (late, off)  # the batch only, bit for bit
+    assert all(late[s] != off[s] for s in (4, 5, 6)), (late, off)  # then the pool's negatives join ITC
+
+
 def test_unknown_flag_is_an_error():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train_stage1.py"), "--batchsize=3"], capture_output=True,
                        text=True, cwd=ROOT)
