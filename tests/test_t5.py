@@ -255,3 +255,26 @@ def test_preset_parameter_count(name, expected):
     n = sum(p.numel() for p in m.parameters())
     print(f"{name}: {n:,} parameters")
     assert n == n_params(t5.PRESETS[name]) == expected
+
+
+def test_shapes_t5_starts_as_transformers_initialises_t5():
+    """data/shapes/pretrain.py's init_t5 against transformers' own T5 init, per kind of weight (its std)."""
+    import runpy
+    from pathlib import Path
+
+    from transformers import T5Config, T5ForConditionalGeneration
+    init_t5 = runpy.run_path(str(Path(__file__).resolve().parents[1] / "data" / "shapes" / "pretrain.py"))["init_t5"]
+    kw = dict(vocab_size=301, d_model=72, d_kv=20, d_ff=136, num_heads=3, num_layers=2, num_decoder_layers=3)
+    torch.manual_seed(0)
+    hf = T5ForConditionalGeneration(T5Config(**kw, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+    ours = init_t5(t5.T5(t5.T5Config(vocab_size=301, d_model=72, d_kv=20, d_ff=136, heads=3, enc_depth=2, dec_depth=3,
+                                     act="gelu_new", gated=True)))
+    kinds = {"q": ".q.", "k": ".k.", "v": ".v.", "o": ".o.", "wi_0": "wi_0", "wi_1": "wi_1", "wo": ".wo.",
+             "bias": "relative_attention_bias", "shared": "shared"}
+    ours_kinds = kinds | {"bias": "rel_bias"}
+    def std(model, key):
+        return torch.cat([p.flatten() for n, p in model.named_parameters() if key in n and "norm" not in n]).std()
+    for kind, key in kinds.items():
+        assert abs(std(ours, ours_kinds[kind]) / std(hf, key) - 1) < 0.15, kind
+    assert abs(std(ours, "lm_head") * 72 ** 0.5 - 1) < 0.05  # transformers: 1 (and it ties the head it builds)
+    assert all(p.eq(1).all() for n, p in ours.named_parameters() if n.endswith("ln1.weight"))
