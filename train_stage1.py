@@ -74,7 +74,7 @@ class TrainConfig:
     itc_pool: bool = True                      # ITC also against ITM's negatives from the pool, their features
                                                # recomputed (no pool: no effect) ...
     itc_pool_after: int = 800                  # ... from this step on; before, ITC on the batch only (from step 0
-                                               # ITC sat at chance for hundreds of steps, and seeds spread wider)
+                                               # ITC sat near chance for hundreds of steps)
     # evaluation, logging, checkpoints
     out_dir: str = "out/stage1"
     log_interval: int = 200

@@ -166,8 +166,9 @@ def init_t5(model):
     std = {"q": (d * kv) ** -0.5, "k": d ** -0.5, "v": d ** -0.5, "o": (heads * kv) ** -0.5, "rel_bias": d ** -0.5,
            "wi": d ** -0.5, "wi_0": d ** -0.5, "wi_1": d ** -0.5, "wo": ff ** -0.5, "lm_head": d ** -0.5, "shared": 1.0}
     for name, m in model.named_modules():
-        if name.split(".")[-1] in std:
-            torch.nn.init.normal_(m.weight, std=std[name.split(".")[-1]])
+        kind = name.rsplit(".", 1)[-1]
+        if kind in std:
+            torch.nn.init.normal_(m.weight, std=std[kind])
     return model
 
 
