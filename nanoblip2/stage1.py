@@ -133,12 +133,12 @@ class Blip2Stage1(Querying):
                        img_feats=img_feats, txt_feat=txt_feat)
 
         ###============== Image-text Contrastive ===================###
-        loss_itc, sim_i2t, sim_t2i = itc_loss(img_feats, txt_feat, self.temp, itc_ids)  # (B, G*B) both ways
+        sims = itc_similarities(img_feats, txt_feat, self.temp)            # (B, G*B) both ways, for ITM too
 
         ###============== Image-text Matching ===================###
-        loss_itm, picked = self.itm(image, samples, sim_i2t, sim_t2i, generator, candidates)
-        if self.itc_pool and candidates is not None:  # ITC again, ITM's negatives from the pool as more columns
-            loss_itc = itc_loss(img_feats, txt_feat, self.temp, image_ids, self.fresh_feats(candidates, *picked))[0]
+        loss_itm, picked = self.itm(image, samples, *sims, generator, candidates)
+        extra = self.fresh_feats(candidates, *picked) if picked is not None else None  # itc_pool: ITM's pool rows
+        loss_itc = itc_loss(img_feats, txt_feat, self.temp, itc_ids, extra, sims)[0]
 
         ###============== Image Captioning ===================###
         out = dict(loss=loss_itc + loss_itm, loss_itc=loss_itc, loss_itm=loss_itm, samples=samples)
@@ -297,16 +297,21 @@ class Blip2Stage1(Querying):
         return model
 
 
-def itc_loss(img_feats, txt_feat, temp, image_ids=None, extra=None):
-    """Image-text contrastive loss: this rank's normalised img_feats (B, Q, D) and txt_feat (B, D) against every
-    rank's, both ways; a pair's score is its best query. Deviation from LAVIS: the gather keeps gradients, so G ranks
-    of B equal one process of G*B. image_ids (B,): LAVIS's image_id branch, every pair of the row's image is a
-    positive, sharing the 0.9 (with distinct ids, the cross-entropy below). extra: (images (M, Q, D), their ids, texts
-    (M', D), their ids), more columns for this rank's rows (Blip2Stage1.fresh_feats). -> the loss and the temp-scaled
-    similarities (B, G*B) both ways, for ITM."""
+def itc_similarities(img_feats, txt_feat, temp):
+    """This rank's normalised img_feats (B, Q, D) and txt_feat (B, D) against every rank's, a pair's score its best
+    query, over temp. Deviation from LAVIS: the gather keeps gradients, so G ranks of B equal one process of G*B.
+    -> sim_i2t, sim_t2i, (B, G*B) each."""
     img_all, txt_all = gather(img_feats), gather(txt_feat)                            # (G*B, Q, D), (G*B, D)
-    sim_i2t = torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp    # (B, G*B)
-    sim_t2i = torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp     # (B, G*B)
+    return (torch.einsum("bqd,td->bqt", img_feats, txt_all).amax(dim=1) / temp,
+            torch.einsum("bd,iqd->biq", txt_feat, img_all).amax(dim=2) / temp)
+
+
+def itc_loss(img_feats, txt_feat, temp, image_ids=None, extra=None, sims=None):
+    """Image-text contrastive loss on itc_similarities (or `sims`, already computed), both ways. image_ids (B,):
+    LAVIS's image_id branch, every pair of the row's image is a positive, sharing the 0.9 (with distinct ids, the
+    cross-entropy below). extra: (images (M, Q, D), their ids, texts (M', D), their ids), more columns for this
+    rank's rows (Blip2Stage1.fresh_feats). -> the loss and the similarities (B, G*B) both ways, for ITM."""
+    sim_i2t, sim_t2i = sims if sims is not None else itc_similarities(img_feats, txt_feat, temp)
     ce = lambda i2t, t2i, t, t_t2i: (F.cross_entropy(i2t, t, label_smoothing=0.1) +
                                      F.cross_entropy(t2i, t_t2i, label_smoothing=0.1)) / 2
     if image_ids is None:  # the positives: the diagonal
