@@ -43,6 +43,11 @@ def test_quick_start(tmp_path):
     log = run(tmp_path, "train_stage2.py", "--lm=data/shapes/t5", "--out_dir=out/stage2_t5", "--eval_max_images=20")
     loss = [float(x) for x in re.findall(r"^step \d+ \| loss ([\d.]+)", log, re.M)]
     assert len(loss) == 7 and sum(loss[-2:]) / 2 < 0.95 * loss[0], loss
+    out = run(tmp_path, "data/shapes/probe_vqa.py", "--init_from=out/stage2_t5/ckpt", "--max_questions=12")
+    rows = re.findall(r"^after (.+): generated ([\d.]+) \(.*\); ranked ([\d.]+) \(", out, re.M)
+    assert [r[0] for r in rows] == ["nothing (the prior)", "the first caption (ceiling)", "its own caption",
+                                    "the soft prompt (zero-shot)"], out
+    assert all(0 <= float(x) <= 100 for r in rows for x in r[1:]), rows
     image = "data/shapes/images/test/000001.png"
     out = run(tmp_path, "sample.py", f"--image={image}", "--attention=att.png")
     assert "loaded out/stage2/ckpt: OPT" in out and re.search(rf"^{image}: \w+", out, re.M), out

@@ -1,4 +1,7 @@
 """Stage 2: the OPT labels, the T5 prefix split, the losses against HF, and the start from a stage-1 model."""
+import runpy
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from conftest import CAPTIONS, pixels
@@ -107,3 +110,25 @@ def test_t5_prefix_lm_batch_token_by_token(blip2_t5):
     assert torch.equal(seen["enc"][:, Q:], model.lm.embed(b["input_ids"]))         # then the prefix and </s>
     assert seen["mask"].tolist() == [[1] * Q + [1, 1, 1], [1] * Q + [1, 1, 0]]
     assert seen["dec"].tolist() == [[start, t["on"], t["a"], t["mat"]], [start, t["dogs"], eos, pad]]
+
+
+@torch.no_grad()
+def test_vqa_probe_scores_answers_as_the_loss_does(blip2_opt, blip2_t5):
+    """data/shapes/probe_vqa.py ranks answers by their log-likelihood after [soft prompt; the paper's prompt]: the
+    stage-2 loss of that prompt and answer times the answer's length. Its generated reply is model.answer's."""
+    Probe = runpy.run_path(str(Path(__file__).resolve().parents[1] / "data/shapes/probe_vqa.py"))["Probe"]
+    for folder, _ in (blip2_opt, blip2_t5):
+        model = Blip2.from_pretrained(folder)
+        probe, px, q = Probe(model), pixels(B=1, seed=5), "what is on the mat?"
+        answers = ["a cat", "two dogs playing", "mat"]
+        scores = probe.scores(model.visual_prompt(px), q, answers)
+        for a, s in zip(answers, scores):
+            prompt = model.vqa_prompt(q)
+            b = (t5_batch(model.tokenizer, [a], prompt=prompt, max_length=128) if model.is_t5 else
+                 opt_batch(model.tokenizer, [a], prompt=prompt, max_length=128, num_queries=Q))
+            n = int((b["labels"] != -100).sum())
+            assert abs(s.item() + n * model(px, b)["loss"].item()) < 1e-4, (a, s, n)
+        assert len(set(scores.tolist())) == 3
+        px, qs = pixels(B=3, seed=6), [q, "is it a dog?", "how many cats are there on the mat?"]  # padded
+        soft = model.visual_prompt(px)
+        assert probe.generated([soft[i:i + 1] for i in range(3)], qs) == model.answer(px, qs)
