@@ -336,8 +336,8 @@ def pretrain_t5(cfg, world):
     answer. Its text-only QA accuracy on val is BLIP-2's ceiling: stage 2 replaces the caption with 32 soft tokens.
     Half the prefix-LM rows (--t5_context) read the image's first caption before the prefix, as stage 2's prefix LM
     reads the soft prompt before it: after the soft prompt and a question, the T5 then replies with an answer more
-    often (zero-shot val VQA 34.7%, 40.8% in another run, against 28.3% without), though ranked among the answers
-    (probe_vqa.py) no more of them are right; with all of them in context 19.8% (it goes on with a caption).
+    often (zero-shot val VQA 34.1%, 40.8% in another run, against 28.3% without), though ranked among the answers
+    (probe_vqa.py) no more of them are right; with three quarters in context 19.8% (it goes on with a caption).
     Started as transformers starts T5 (init_t5). It copies no random token runs (--t5_copy): its relative-position
     bias moves ~lr a step, too slowly for a head that attends to a neighbour (at 30x the lr it copies, and the
     yes/no questions fall to chance). Not yet a default."""
@@ -357,7 +357,8 @@ def pretrain_t5(cfg, world):
         for n, i in enumerate(torch.randint(len(lines), (half,), generator=g).tolist()):
             context, text = lines[i]
             prefix, suffix = prefix_split(text, g)
-            pairs.append((f"{context} {prefix}" if n < cfg.t5_context * half else prefix, suffix))
+            in_context = n >= (1 - cfg.t5_context) * half  # the last rows: the copying rows replace the first
+            pairs.append((f"{context} {prefix}" if in_context else prefix, suffix))
         pairs += [tasks[i] for i in torch.randint(len(tasks), (half,), generator=g).tolist()]
         ids, mask = tok([p for p, _ in pairs], 96)
         out, out_mask = tok([a for _, a in pairs], 32)
