@@ -47,15 +47,14 @@ class Probe:
         return self.lm.embed(ids)
 
     def inputs(self, prefix, question):  # -> embeddings (1, P + T, C) of [prefix; prompt]
-        ids = self.tok([self.model.vqa_prompt(question)], truncation=False)[0]
-        embeds = self.lm.embed(ids)
-        return ids, embeds if prefix is None else torch.cat([prefix, embeds], 1)
+        embeds = self.lm.embed(self.tok([self.model.vqa_prompt(question)], truncation=False)[0])
+        return embeds if prefix is None else torch.cat([prefix, embeds], 1)
 
     @torch.no_grad()
     def generated(self, prefixes, questions):
         """The replies to the questions, each after its [prefix; prompt], with Blip2.answer's search, in one batch
         (padded as generate pads: OPT on the left, T5 on the right)."""
-        embeds = [self.inputs(p, q)[1][0] for p, q in zip(prefixes, questions)]
+        embeds = [self.inputs(p, q)[0] for p, q in zip(prefixes, questions)]
         L, left = max(e.size(0) for e in embeds), not self.model.is_t5
         pad = lambda e: F.pad(e, (0, 0, L - e.size(0), 0) if left else (0, 0, 0, L - e.size(0)))  # noqa: E731
         mask = torch.stack([pad(torch.ones(e.size(0), 1, dtype=torch.long))[:, 0] for e in embeds])
@@ -68,7 +67,7 @@ class Probe:
     @torch.no_grad()
     def scores(self, prefix, question, answers):
         """Log-likelihood of each answer, and its end (T5 </s>, OPT the newline), after [prefix; prompt]: (K,)."""
-        _, embeds = self.inputs(prefix, question)
+        embeds = self.inputs(prefix, question)
         K = len(answers)
         if self.model.is_t5:  # the answer is the decoder's target
             out, mask = self.tok(answers, truncation=False)  # each ends with </s>
